@@ -1,0 +1,39 @@
+"""Prepare stage: CamVid image/label pairs -> resized Parquet shards + dataset.json.
+
+    python jobs/prepare.py --source s3://bucket/camvid --dest s3://bucket/prepared --size 176x240
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from segray.jobs import run_job  # noqa: E402
+from segray.preprocess import parse_size  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Read CamVid (SegNet or original layout) from a URI, resize it (labels with NEAREST) "
+        "and write Parquet shards per split plus dataset.json.",
+        epilog="URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment.",
+    )
+    parser.add_argument("--source", required=True, help="CamVid source prefix (s3://... or a local path)")
+    parser.add_argument("--dest", required=True, help="where to write the prepared dataset")
+    parser.add_argument("--size", type=parse_size, default=None, metavar="HxW",
+                        help="output size, e.g. 176x240 (default: the first image's size)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out unreadable or inconsistent pairs (listed in dataset.json) instead of failing")
+    args = parser.parse_args(argv)
+
+    from segray.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(source=args.source, dest=args.dest, size=args.size, skip_bad=args.skip_bad)
+    return run_job("prepare", lambda: prepare(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The prepared dataset: Parquet shards per split plus ``dataset.json``.
+
+Layout of ``<dest>/``::
+
+    dataset.json          written last; a folder without it is incomplete and refused
+    train/*.parquet       one row per frame
+    val/*.parquet
+    test/*.parquet        (each split only if the source has it)
+
+Parquet schema (plain Arrow types, readable without segray or Ray):
+
+    name    string   relative path of the source image without extension
+    image   binary   H*W*3 uint8, RGB, row-major (H, W, 3); not an encoded PNG
+    label   binary   H*W uint8 class indices 0..10, 11 = void, row-major (H, W)
+    height  int32
+    width   int32
+    source  string   URI of the source image
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from segray import storage
+from segray.camvid import CLASSES, PALETTE, VOID_INDEX, VOID_NAME
+
+FORMAT = "segray-prepared-dataset/1"
+DATASET_FILE = "dataset.json"
+
+COL_NAME = "name"
+COL_IMAGE = "image"
+COL_LABEL = "label"
+COL_HEIGHT = "height"
+COL_WIDTH = "width"
+COL_SOURCE = "source"
+
+SCHEMA = pa.schema(
+    [
+        (COL_NAME, pa.string()),
+        (COL_IMAGE, pa.binary()),
+        (COL_LABEL, pa.binary()),
+        (COL_HEIGHT, pa.int32()),
+        (COL_WIDTH, pa.int32()),
+        (COL_SOURCE, pa.string()),
+    ]
+)
+
+
+class DatasetError(ValueError):
+    """A prepared dataset that cannot be used; the message names the URI and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Contents of ``dataset.json``."""
+
+    height: int
+    width: int
+    splits: dict[str, int]  # split -> rows
+    class_pixel_counts: list[int]  # train split, per class 0..10 (void excluded)
+    void_pixel_count: int  # train split
+    source: str
+    layout: str
+    unmapped_color_pixels: int = 0  # original layout: label colours not in label_colors.txt
+    skipped: list[str] = field(default_factory=list)  # bad pairs left out with --skip-bad, and why
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
+    palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in PALETTE])
+    void_index: int = VOID_INDEX
+    void_name: str = VOID_NAME
+    format: str = FORMAT
+    schema: dict[str, str] = field(default_factory=lambda: {f.name: str(f.type) for f in SCHEMA})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def split_uri(dataset_uri: str, split: str) -> str:
+    return storage.join(dataset_uri, split)
+
+
+def write_info(dataset_uri: str, info: DatasetInfo) -> None:
+    storage.write_bytes(storage.join(dataset_uri, DATASET_FILE), info.to_json().encode())
+
+
+def load_info(dataset_uri: str) -> DatasetInfo:
+    """Read ``dataset.json``; refuse a folder without it (an incomplete or foreign dataset)."""
+    uri = storage.join(dataset_uri, DATASET_FILE)
+    try:
+        exists = storage.exists(uri)
+    except Exception as e:  # noqa: BLE001 - say which URI failed and why
+        raise DatasetError(f"{uri}: cannot be read ({storage._first_line(e)})") from e
+    if not exists:
+        hint = "is it the --dest of jobs/prepare.py? an interrupted prepare leaves no dataset.json; rerun it"
+        raise DatasetError(f"{dataset_uri}: not a prepared dataset (no {DATASET_FILE}); {hint}")
+    try:
+        raw = json.loads(storage.read_bytes(uri))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{uri}: not valid JSON ({e}); rerun jobs/prepare.py") from None
+    if raw.get("format") != FORMAT:
+        raise DatasetError(f"{uri}: format {raw.get('format')!r}, expected {FORMAT!r}; rerun jobs/prepare.py")
+    known = set(DatasetInfo.__dataclass_fields__)
+    return DatasetInfo(**{k: v for k, v in raw.items() if k in known})
+
+
+def rows_to_arrays(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of Parquet rows -> images ``(N, H, W, 3) uint8`` and labels ``(N, H, W) uint8``."""
+    images = np.frombuffer(b"".join(batch[COL_IMAGE]), dtype=np.uint8).reshape(-1, height, width, 3)
+    labels = np.frombuffer(b"".join(batch[COL_LABEL]), dtype=np.uint8).reshape(-1, height, width)
+    return images, labels

@@ -1,0 +1,144 @@
+"""Pure image functions: decode, convert, resize. No Ray, no storage.
+
+Images are ``(H, W, 3) uint8`` RGB; label masks are ``(H, W) uint8`` class indices 0..11.
+Images are resized with PIL's BILINEAR filter, which PIL widens by the scale factor when
+shrinking (i.e. it antialiases); labels only ever with NEAREST, so every output value is a
+value of the source mask. Training and inference both resize through here, so a model sees
+the same pixels in both.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from segray.camvid import PALETTE, VOID_INDEX
+
+IMAGE_RESAMPLE = Image.Resampling.BILINEAR
+# A 4K frame is 8.3 Mpx; anything over this is refused as a likely decompression bomb.
+MAX_PIXELS = 64_000_000
+
+
+class BadInputError(ValueError):
+    """An input file that cannot be used; the message names it and says why."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"176x240"`` -> ``(176, 240)`` (height, width)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size {text!r} is not HxW, e.g. 176x240") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"size {text!r} must be positive, e.g. 176x240")
+    return h, w
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise BadInputError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > MAX_PIXELS:
+                raise BadInputError(
+                    f"{name}: {img.width}x{img.height} pixels is over the {MAX_PIXELS} limit (decompression bomb?)"
+                )
+            img.load()
+    except BadInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadInputError(f"{name}: refused as a decompression bomb ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise BadInputError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode any PNG/JPEG (grayscale, RGBA, 16-bit, palette) into ``(H, W, 3) uint8`` RGB."""
+    img = _open(data, name)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: keep the top 8 bits so the picture looks the same.
+        arr = np.asarray(img, dtype=np.uint32)
+        scale = 257 if arr.max(initial=0) > 255 else 1
+        arr = (arr // scale).clip(0, 255).astype(np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.mode != "RGB":
+        img = img.convert("RGBA").convert("RGB") if "A" in img.getbands() or img.mode == "P" else img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def decode_index_label(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode a SegNet-style label PNG of class indices into ``(H, W) uint8``.
+
+    Palette PNGs are read by index, not by colour. Raises BadInputError for values > 11.
+    """
+    img = _open(data, name)
+    if img.mode in ("RGB", "RGBA"):
+        arr = np.asarray(img)
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise BadInputError(f"{name}: label is a colour image; expected single-channel class indices 0..{VOID_INDEX}")
+        arr = arr[..., 0]
+    elif img.mode in ("L", "P"):
+        arr = np.asarray(img)
+    else:
+        arr = np.asarray(img.convert("I"))
+    bad = np.unique(arr[arr > VOID_INDEX])
+    if bad.size:
+        shown = ", ".join(str(int(v)) for v in bad[:5])
+        raise BadInputError(f"{name}: label values outside 0..{VOID_INDEX}: {shown}")
+    return arr.astype(np.uint8)
+
+
+def color_lookup(table: dict[tuple[int, int, int], int] | tuple) -> tuple[np.ndarray, np.ndarray]:
+    """A colour table (rgb -> index) as sorted packed keys and values, for :func:`colors_to_index`."""
+    items = sorted(dict(table).items())
+    keys = np.array([(r << 16) | (g << 8) | b for (r, g, b), _ in items], dtype=np.int64)
+    values = np.array([v for _, v in items], dtype=np.uint8)
+    return keys, values
+
+
+def colors_to_index(rgb: np.ndarray, lookup: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, int]:
+    """Map an ``(H, W, 3)`` colour-coded label to ``(H, W) uint8`` indices.
+
+    Colours not in the table become void; returns ``(mask, number_of_unmapped_pixels)``.
+    """
+    keys, values = lookup
+    packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    pos = np.searchsorted(keys, packed).clip(0, len(keys) - 1)
+    found = keys[pos] == packed
+    out = np.where(found, values[pos], VOID_INDEX).astype(np.uint8)
+    return out, int((~found).sum())
+
+
+def resize_image(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3) uint8`` -> ``(h, w, 3) uint8`` with an antialiased bilinear filter."""
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    return np.asarray(Image.fromarray(img).resize((w, h), IMAGE_RESAMPLE))
+
+
+def resize_label(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(H, W) uint8`` -> ``(h, w) uint8`` with NEAREST: no new class values are invented."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
+
+
+def colorize(mask: np.ndarray, palette=PALETTE) -> np.ndarray:
+    """``(H, W)`` class indices -> ``(H, W, 3) uint8`` colours of ``palette`` (void black)."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    return lut[mask]
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

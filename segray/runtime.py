@@ -1,0 +1,64 @@
+"""Connecting to Ray: one place that decides what every worker process inherits.
+
+Ray workers do not inherit the driver's environment (they are forked by the raylet), so the
+S3 settings of the standard AWS environment are forwarded to them through the job's runtime
+environment. Inside `ray job submit`, variables the submitter already put in the job's
+runtime_env win and are not repeated (Ray refuses duplicate keys).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+FORWARDED_ENV: tuple[str, ...] = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "SEGRAY_S3_MAX_ATTEMPTS",
+)
+
+# glibc returns freed arenas to the OS and page-faults them back on every PyTorch step; on a
+# small CPU VM that made a U-Net 2-4x slower. High thresholds keep the memory mapped
+# (docs/benchmarks.md). Harmless for GPU workers, whose big buffers live on the device.
+CPU_MALLOC_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": "2000000000",
+    "MALLOC_TRIM_THRESHOLD_": "2000000000",
+}
+
+_JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for submitted drivers
+
+
+def worker_env() -> dict[str, str]:
+    """Environment variables every worker of this job should get."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    for k, v in CPU_MALLOC_ENV.items():
+        env.setdefault(k, os.environ.get(k, v))
+    job_config = os.environ.get(_JOB_CONFIG_VAR)
+    if job_config:
+        try:
+            job_env = json.loads(job_config).get("runtime_env", {}).get("env_vars", {}) or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    return env
+
+
+def init_ray(address: str | None = None, quiet: bool = False) -> None:
+    """Connect to the cluster (RAY_ADDRESS, a running local one, or start one) once."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = worker_env()
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": env} if env else None,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+        log_to_driver=True,
+    )
