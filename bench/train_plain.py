@@ -1,0 +1,101 @@
+"""The train stage's work in one plain PyTorch process: the baseline for jobs/train.py's epoch time.
+
+Same model, data, loss, optimizer and augmentation as segray.train (its functions), without Ray:
+the prepared Parquet shards read with pyarrow into memory, one process, torch on every core,
+then a validation pass with the same confusion-matrix metric.
+
+    MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=2000000000 \\
+    python bench/train_plain.py --data /tmp/prep/camvid176 --base-channels 16 --batch-size 8 --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from segray import modelio, storage  # noqa: E402
+from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_uri  # noqa: E402
+from segray.metrics import summarize  # noqa: E402
+from segray.model import UNetConfig, build_model  # noqa: E402
+from segray.train import augment, class_weights, evaluate, weighted_loss_sum  # noqa: E402
+
+
+def load_split(data: str, split: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    fs, path = storage.resolve(split_uri(data, split))
+    table = pq.read_table(path, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
+    images, labels = rows_to_arrays(table.to_pydict(), height, width)
+    return images.copy(), labels.copy()
+
+
+def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        yield modelio.images_to_tensor(images[idx]), torch.from_numpy(labels[idx]).long()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="prepared dataset (jobs/prepare.py --dest)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--base-channels", type=int, default=16)
+    parser.add_argument("--class-weighting", default="median_freq")
+    parser.add_argument("--no-augment", dest="augment", action="store_false")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    info = load_info(args.data)
+    t0 = time.perf_counter()
+    train_x, train_y = load_split(args.data, "train", info.height, info.width)
+    val_x, val_y = load_split(args.data, "val", info.height, info.width)
+    print(f"plain: read {len(train_x)} train + {len(val_x)} val rows at {info.height}x{info.width} in "
+          f"{time.perf_counter() - t0:.1f} s; {args.threads} threads", flush=True)
+
+    model = build_model(UNetConfig(base_channels=args.base_channels))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    w = class_weights(args.class_weighting, info.class_pixel_counts)
+    weight = None if w is None else torch.from_numpy(w)
+    rng = np.random.default_rng(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        total, denom_total = 0.0, 0.0
+        for x, y in batches(train_x, train_y, args.batch_size, rng.permutation(len(train_x))):
+            if args.augment:
+                x, y = augment(x, y, generator)
+            loss_sum, denom = weighted_loss_sum(model(x), y, weight)
+            loss = loss_sum / denom.clamp_min(1e-12)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, denom_total = total + loss.item() * denom.item(), denom_total + denom.item()
+        train_s = time.perf_counter() - t0
+        cm, val_loss = evaluate(model, batches(val_x, val_y, args.batch_size, np.arange(len(val_x))), weight, torch.device("cpu"))
+        epoch_s = time.perf_counter() - t0
+        s = summarize(cm, info.classes)
+        print(
+            f"plain: epoch {epoch}/{args.epochs}  train_loss {total / max(denom_total, 1e-12):.4f}  "
+            f"val_loss {val_loss[0].item() / max(val_loss[1].item(), 1e-12):.4f}  val_mIoU {s['miou']:.4f}  "
+            f"pixel_acc {s['pixel_accuracy']:.4f}  train {train_s:.1f} s ({len(train_x) / train_s:.1f} images/s, "
+            f"{math.ceil(len(train_x) / args.batch_size)} steps)  epoch {epoch_s:.1f} s",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Fast tests of segray/train.py without Ray: augmentation, class weights, LR schedule, losses,
+config checks and the checks that fail before any worker starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segray.camvid import NUM_CLASSES, VOID_INDEX
+from segray.dataset import DatasetError
+from segray.train import (
+    MAX_CLASS_WEIGHT,
+    TrainConfig,
+    TrainError,
+    _check_dataset,
+    augment,
+    class_weights,
+    lr_factor,
+    median_frequency_weights,
+    weighted_loss_sum,
+)
+
+
+def _batch(n=4, h=12, w=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, h, w, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n, h, w), generator=g)
+    labels[:, :2, :3] = VOID_INDEX
+    return images, labels
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+
+def test_augment_keeps_shapes_dtypes_and_label_values():
+    images, labels = _batch()
+    for seed in range(5):
+        out_i, out_l = augment(images, labels, torch.Generator().manual_seed(seed))
+        assert out_i.shape == images.shape and out_i.dtype == images.dtype
+        assert out_l.shape == labels.shape and out_l.dtype == labels.dtype
+        # Nearest-neighbour resampling: no new class values, only void where padded.
+        assert set(out_l.unique().tolist()) <= set(labels.unique().tolist()) | {VOID_INDEX}
+
+
+def test_augment_identity_without_scale_and_flip():
+    images, labels = _batch()
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=0.0)
+    assert torch.equal(out_l, labels)
+    torch.testing.assert_close(out_i, images, atol=1e-5, rtol=0)
+
+
+def test_augment_flip_only_mirrors_image_and_label():
+    images, labels = _batch()
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=1.0)
+    assert torch.equal(out_l, labels.flip(-1))
+    torch.testing.assert_close(out_i, images.flip(-1), atol=1e-5, rtol=0)
+
+
+def test_augment_zoom_out_pads_with_void_and_zero():
+    images, labels = _batch(n=2)
+    labels[labels == VOID_INDEX] = 0  # no void in the input: any void out is padding
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(0.5, 0.5), flip_prob=0.0)
+    pad = out_l == VOID_INDEX
+    # Half size in each direction: three quarters of the frame is padding (up to rounding at edges).
+    assert 0.6 < pad.float().mean().item() < 0.85
+    # Padding is 0, the mean colour of a normalised image (bilinear blends it in at the border).
+    padded = out_i.permute(0, 2, 3, 1)[pad]
+    assert (padded == 0).all(dim=1).float().mean() > 0.8
+
+
+def test_augment_zoom_in_crops_without_padding():
+    images, labels = _batch(n=3)
+    labels[labels == VOID_INDEX] = 0
+    _, out_l = augment(images, labels, torch.Generator().manual_seed(1), scale_range=(1.5, 1.5), flip_prob=0.5)
+    assert not (out_l == VOID_INDEX).any()
+
+
+def test_augment_is_reproducible_from_the_generator():
+    images, labels = _batch()
+    a = augment(images, labels, torch.Generator().manual_seed(7))
+    b = augment(images, labels, torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------- class weights
+
+
+def test_median_frequency_weights_by_hand():
+    # freq = 0.1, 0.2, 0.3, 0.4 -> median 0.25 -> weights 2.5, 1.25, 0.8333, 0.625
+    w = median_frequency_weights([10, 20, 30, 40])
+    np.testing.assert_allclose(w, [2.5, 1.25, 0.25 / 0.3, 0.625], rtol=1e-6)
+    assert w.dtype == np.float32
+
+
+def test_median_frequency_weights_zero_count_classes():
+    # Absent classes get the neutral weight 1 and are left out of the median: 0.5, 0.5 -> median 0.5.
+    w = median_frequency_weights([0, 50, 0, 50])
+    np.testing.assert_allclose(w, [1.0, 1.0, 1.0, 1.0])
+    w = median_frequency_weights([0, 10, 30, 60])  # median freq of (0.1, 0.3, 0.6) = 0.3
+    np.testing.assert_allclose(w, [1.0, 3.0, 1.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(median_frequency_weights([0, 0, 0]), [1.0, 1.0, 1.0])
+
+
+def test_median_frequency_weights_are_capped():
+    w = median_frequency_weights([1, 10**6, 10**6])
+    assert w[0] == MAX_CLASS_WEIGHT and w[1] == pytest.approx(1.0)
+
+
+def test_median_frequency_weights_reject_bad_counts():
+    with pytest.raises(ValueError, match="non-negative"):
+        median_frequency_weights([1, -2, 3])
+
+
+def test_class_weights_none_and_unknown():
+    assert class_weights("none", [1, 2, 3]) is None
+    assert class_weights("median_freq", [1, 1]).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="median_freq, none"):
+        class_weights("inverse", [1, 2])
+
+
+def test_class_weights_on_camvid_counts_look_like_segnet():
+    # Train-split pixel counts of CamVid at 176x240: road and sky get < 1, bicyclist ~15.
+    counts = [2610681, 3607838, 152576, 4909664, 695157, 1507569, 181752, 174674, 907014, 98286, 45044]
+    w = median_frequency_weights(counts)
+    assert w[3] < 0.2 and w[0] < 0.3 and 10 < w[10] < 20
+
+
+# ------------------------------------------------------------------------ losses, schedule
+
+
+def test_weighted_loss_sum_matches_torch_mean_and_handles_all_void():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, NUM_CLASSES, 5, 6, generator=g)
+    labels = torch.randint(0, NUM_CLASSES + 1, (2, 5, 6), generator=g)  # includes void
+    weight = torch.rand(NUM_CLASSES, generator=g) + 0.5
+    s, d = weighted_loss_sum(logits, labels, weight)
+    expected = torch.nn.functional.cross_entropy(logits, labels, weight=weight, ignore_index=VOID_INDEX)
+    torch.testing.assert_close(s / d, expected)
+    s, d = weighted_loss_sum(logits, torch.full_like(labels, VOID_INDEX), weight)
+    assert s.item() == 0 and d.item() == 0  # summed across workers first; no NaN from 0/0 here
+
+
+def test_lr_factor_schedules():
+    assert [lr_factor("constant", p) for p in (0, 0.5, 1)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0) == 1.0 and lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert lr_factor("cosine", 1) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("onecycle", 0) == pytest.approx(1 / 25)
+    assert lr_factor("onecycle", 0.3) == pytest.approx(1.0)
+    assert lr_factor("onecycle", 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor("cosine", 1.7) == lr_factor("cosine", 1.0)  # clamped: extra steps do not restart it
+    with pytest.raises(ValueError, match="constant, cosine, onecycle"):
+        lr_factor("step", 0.1)
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+def _config(**kw):
+    return TrainConfig(**{"data": "/tmp/d", "storage": "/tmp/s", "name": "run", **kw})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"num_workers": 0}, "--num-workers"),
+        ({"batch_size": -1}, "--batch-size"),
+        ({"base_channels": 0}, "--base-channels"),
+        ({"threads": 0}, "--threads"),
+        ({"lr": 0.0}, "--lr"),
+        ({"lr": float("nan")}, "--lr"),
+        ({"weight_decay": -0.1}, "--weight-decay"),
+        ({"lr_schedule": "step"}, "valid: constant, cosine, onecycle"),
+        ({"class_weighting": "inverse"}, "valid: median_freq, none"),
+        ({"name": "a/b"}, "--name"),
+        ({"name": ""}, "--name"),
+        ({"data": ""}, "--data"),
+        ({"max_failures": -2}, "--max-failures"),
+        ({"epochs": True}, "--epochs"),
+    ],
+)
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(TrainError, match=match):
+        _config(**kw)
+
+
+def test_config_defaults_and_derived_values():
+    c = _config()
+    assert c.lr == 1e-3 and c.lr_schedule == "constant" and c.class_weighting == "median_freq" and c.augment
+    assert c.torch_threads == 1 and _config(cpus_per_worker=3).torch_threads == 3
+    assert _config(threads=2).torch_threads == 2
+    assert c.run_uri == "/tmp/s/run"
+    assert _config(storage="s3://b/runs/").run_uri == "s3://b/runs/run"
+    assert c.unet.base_channels == 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.epochs = 3
+
+
+# ---------------------------------------------------------------- checks before any worker
+
+
+def _dataset(tmp_path, splits):
+    from segray.dataset import DatasetInfo, write_info
+
+    root = tmp_path / "prepared"
+    for split in splits:
+        (root / split).mkdir(parents=True)
+        (root / split / "part-0.parquet").write_bytes(b"not read by the check")
+    write_info(str(root), DatasetInfo(height=8, width=8, splits=splits, class_pixel_counts=[1] * NUM_CLASSES,
+                                      void_pixel_count=0, source="x", layout="segnet"))
+    return str(root)
+
+
+def test_check_dataset_refuses_missing_and_incomplete(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        _check_dataset(_config(data=str(tmp_path / "nothing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no dataset.json"):
+        _check_dataset(_config(data=str(tmp_path / "empty")))
+    only_train = _dataset(tmp_path / "a", {"train": 4})
+    with pytest.raises(DatasetError, match="no 'val' rows"):
+        _check_dataset(_config(data=only_train))
+    ok = _dataset(tmp_path / "b", {"train": 4, "val": 2})
+    assert _check_dataset(_config(data=ok)).splits == {"train": 4, "val": 2}
+    with pytest.raises(TrainError, match="lower --num-workers"):
+        _check_dataset(_config(data=ok, num_workers=5))
+    # dataset.json promises val rows but the folder is gone: an interrupted copy.
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "prepared" / "val")
+    with pytest.raises(DatasetError, match="incomplete"):
+        _check_dataset(_config(data=ok))
+
+
+def test_check_dataset_refuses_a_foreign_dataset_json(tmp_path):
+    (tmp_path / "dataset.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DatasetError, match="format"):
+        _check_dataset(_config(data=str(tmp_path)))
+
+
+def test_summary_numbers_are_json_safe():
+    from segray.train import _jsonable
+
+    assert _jsonable({"a": [1.0, float("nan")], "b": {"c": math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
