@@ -1,0 +1,67 @@
+"""Infer stage: a trained model over a collection of frames -> masks, errors and metrics in Parquet.
+
+    python jobs/infer.py --model s3://bucket/runs/cv16 --images s3://bucket/frames \
+        --output s3://bucket/predictions/cv16 [--labels s3://bucket/labels] [--use-gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from segray.jobs import run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Segment every frame below --images (PNG/JPEG files at any nesting, or .tar archives of "
+        "frames) with a trained model, and write <output>/predictions/ (one row per frame: mask PNG at the "
+        "frame's size, class pixel counts, and with --labels confusion counts), <output>/errors/ (one row per "
+        "input that could not be used) and <output>/metrics.parquet (IoU per class, mIoU, pixel accuracy).",
+        epilog="URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment. "
+        "Rerunning the same command over the same --output skips the inputs already there, so an interrupted "
+        "run is completed without duplicates; to start over, delete the output.",
+    )
+    parser.add_argument("--model", required=True, help="a training run (<storage>/<name>) or its model/ folder")
+    parser.add_argument("--images", required=True, help="prefix of frames: image files and/or .tar archives")
+    parser.add_argument("--output", required=True, help="where to write predictions/, errors/, metrics.parquet")
+    parser.add_argument("--labels", default=None,
+                        help="prefix of label PNGs (class indices, or colour-coded NAME_L.png) paired with the "
+                        "frames by relative path and stem; with it, metrics are computed")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per model replica (bf16, channels-last)")
+    parser.add_argument("--batch-size", type=int, default=16, help="frames per model call (default 16)")
+    parser.add_argument("--num-replicas", type=int, default=1,
+                        help="model replicas (actors); each takes a GPU with --use-gpu, else --cpus-per-replica")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0,
+                        help="CPUs (and torch threads) per CPU replica (default 1)")
+    parser.add_argument("--rows-per-file", type=int, default=1000,
+                        help="rows per Parquet part file of predictions/ and errors/ (default 1000)")
+    parser.add_argument("--write-masks", action="store_true",
+                        help="also write colour PNGs to <output>/masks/, mirroring the input paths")
+    args = parser.parse_args(argv)
+
+    from segray.infer import InferConfig, infer
+
+    def body() -> None:
+        config = InferConfig(
+            model=args.model,
+            images=args.images,
+            output=args.output,
+            labels=args.labels,
+            use_gpu=args.use_gpu,
+            batch_size=args.batch_size,
+            num_replicas=args.num_replicas,
+            cpus_per_replica=args.cpus_per_replica,
+            write_masks=args.write_masks,
+            rows_per_file=args.rows_per_file,
+        )
+        infer(config)
+
+    return run_job("infer", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

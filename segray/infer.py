@@ -1,0 +1,877 @@
+"""The infer stage: a trained model over any image collection, streaming, into Parquet.
+
+One Ray Data pass, memory flat in the number of frames::
+
+    listing (driver: object names only, sources.list_inputs)
+      -> load_frames      tasks   read, expand .tar archives, decode, resize to the model's size
+      -> Predictor        actors  one model per replica (GPU with --use-gpu), argmax masks
+      -> postprocess      tasks   mask back to the frame's size (NEAREST), PNG, counts, confusion
+      -> PredictionSink   tasks   predictions/ and errors/ Parquet; per-task summed counts
+
+then ``metrics.parquet``, written last, from one confusion matrix summed inside Ray Data: by
+the write tasks of a first run, or, when the output already held rows (a rerun), over every
+row of ``predictions/`` (:func:`aggregate_predictions`). Never from predictions on the driver.
+
+Output layout (``<output>/``), the contract of shared/DESIGN.md:
+
+``predictions/part-<hash>.parquet``, one row per predicted frame:
+    uri                 string         the input's URI (archive members: ``<archive>/<member>``)
+    height, width       int32          the frame's own size
+    mask_png            binary         PNG (mode L) of class indices 0..C-1 at height x width
+    class_pixel_counts  list<int64>    C pixel counts of the predicted mask
+    label_uri           string         null when the frame has no label (or no --labels)
+    confusion           list<int64>    C*C counts cm[true, pred] row-major, void pixels left
+                                       out; null without a label
+    pixel_accuracy      double         trace / total of ``confusion``; null without a label or
+                                       when every label pixel is void
+  The label columns are always present (null without --labels), so that every file of the
+  folder has one schema, whatever run wrote it.
+
+``errors/part-<hash>.parquet``, one row per input that could not be used:
+    uri, stage, message  string        stage: list (not an image), read, archive, decode, label
+
+``metrics.parquet``: one row per class and one ``overall`` row (see :func:`metrics_table`).
+
+``masks/<path below --images, extension .png>``: colour PNGs, with ``--write-masks``.
+
+rows(predictions) + rows(errors) = number of inputs (sources.py says what an input is).
+Problems of the *input* become error rows; problems of the *system* (the model fails to load
+or run, the store is unreachable after its retries) fail the job, and a rerun resumes.
+
+Rerun: the same command over the same output skips every input whose URI is already in
+``predictions/`` or ``errors/`` and processes the rest, so an interrupted run is completed
+without duplicates or gaps. Part files are named by a hash of the URIs they hold, so a retried
+write task overwrites its own file. Nothing is recomputed: to start over (another model),
+delete the output or pick a new one. ``metrics.parquet`` is deleted when a run starts and
+written when it ends; a folder with it is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import tarfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from segray import modelio, sources, storage
+from segray.camvid import ORIGINAL_COLORS, ORIGINAL_TO_11, parse_label_colors
+from segray.layout import LABEL_COLORS_FILE, is_image
+from segray.metrics import confusion_matrix_np, iou_per_class, mean_iou, pixel_accuracy
+from segray.preprocess import (
+    BadInputError,
+    color_lookup,
+    colorize,
+    colors_to_index,
+    decode_image,
+    decode_index_label,
+    encode_png,
+    resize_image,
+    resize_label,
+)
+
+PREDICTIONS_DIR = "predictions"
+ERRORS_DIR = "errors"
+METRICS_FILE = "metrics.parquet"
+MASKS_DIR = "masks"
+
+COL_URI = "uri"
+COL_HEIGHT = "height"
+COL_WIDTH = "width"
+COL_MASK = "mask_png"
+COL_COUNTS = "class_pixel_counts"
+COL_LABEL_URI = "label_uri"
+COL_CONFUSION = "confusion"
+COL_ACCURACY = "pixel_accuracy"
+COL_STAGE = "stage"
+COL_MESSAGE = "message"
+
+STAGE_LIST = "list"
+STAGE_READ = "read"
+STAGE_ARCHIVE = "archive"
+STAGE_DECODE = "decode"
+STAGE_LABEL = "label"
+
+PREDICTIONS_SCHEMA = pa.schema(
+    [
+        (COL_URI, pa.string()),
+        (COL_HEIGHT, pa.int32()),
+        (COL_WIDTH, pa.int32()),
+        (COL_MASK, pa.binary()),
+        (COL_COUNTS, pa.list_(pa.int64())),
+        (COL_LABEL_URI, pa.string()),
+        (COL_CONFUSION, pa.list_(pa.int64())),
+        (COL_ACCURACY, pa.float64()),
+    ]
+)
+ERRORS_SCHEMA = pa.schema([(COL_URI, pa.string()), (COL_STAGE, pa.string()), (COL_MESSAGE, pa.string())])
+
+# Between the stages (not stored): the listing, the decoded frames, the predicted masks.
+_COL_KIND = "kind"
+_COL_LABEL_KIND = "label_kind"
+_COL_DONE = "done"
+_COL_IMAGE = "image"  # the frame resized to the model's input size, (h, w, 3) uint8 bytes
+_COL_PRED = "pred"  # the predicted mask at the model's size, (h, w) uint8 bytes
+_LISTING_SCHEMA = pa.schema(
+    [
+        (COL_URI, pa.string()),
+        (_COL_KIND, pa.string()),
+        (COL_LABEL_URI, pa.string()),
+        (_COL_LABEL_KIND, pa.string()),
+        (_COL_DONE, pa.list_(pa.string())),
+    ]
+)
+_FRAMES_SCHEMA = pa.schema(
+    [
+        (COL_URI, pa.string()),
+        (COL_LABEL_URI, pa.string()),
+        (_COL_LABEL_KIND, pa.string()),
+        (COL_HEIGHT, pa.int32()),
+        (COL_WIDTH, pa.int32()),
+        (_COL_IMAGE, pa.binary()),
+        (COL_STAGE, pa.string()),
+        (COL_MESSAGE, pa.string()),
+    ]
+)
+_RESULTS_SCHEMA = pa.schema([*PREDICTIONS_SCHEMA, ERRORS_SCHEMA.field(COL_STAGE), ERRORS_SCHEMA.field(COL_MESSAGE)])
+
+# Image files per load task: enough to amortise a task's start, few enough to spread a small
+# collection over every CPU. An archive is always a task of its own.
+FILES_PER_TASK = 16
+# Frames per block out of load_frames: an archive's members leave its task in pieces this big.
+FRAMES_PER_BLOCK = 16
+
+
+class InferError(ValueError):
+    """The job cannot run as asked; the message names the thing and the fix."""
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    model: str  # training run or its model/ folder
+    images: str  # prefix of image files and/or .tar archives
+    output: str
+    labels: str | None = None  # prefix of label PNGs, paired by path (sources.py)
+    use_gpu: bool = False
+    batch_size: int = 16  # frames per model call
+    num_replicas: int = 1  # model actors; each takes one GPU with use_gpu
+    write_masks: bool = False  # colour PNGs under <output>/masks/
+    cpus_per_replica: float = 1.0  # CPUs reserved by each CPU model actor (= its torch threads)
+    rows_per_file: int = 1000  # rows per Parquet part file (at least; the last may be smaller)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "num_replicas", "rows_per_file"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InferError(f"{name} must be a positive integer, got {value!r}")
+        if self.cpus_per_replica <= 0:
+            raise InferError(f"cpus_per_replica must be positive, got {self.cpus_per_replica!r}")
+
+
+# ----------------------------------------------------------------------------- totals
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Counts that add up across tasks, runs and files; ratios are read from them at the end."""
+
+    num_classes: int
+    frames: int = 0  # predicted frames
+    labelled: int = 0  # predicted frames with a label (their confusion counts are in `cm`)
+    errors: int = 0
+    cm: np.ndarray | None = None  # (C, C) int64 cm[true, pred]
+    class_pixels: np.ndarray | None = None  # (C,) int64 predicted pixels per class, all frames
+    stages: dict[str, int] = field(default_factory=dict)  # error rows per stage
+
+    def __post_init__(self) -> None:
+        c = self.num_classes
+        if self.cm is None:
+            object.__setattr__(self, "cm", np.zeros((c, c), dtype=np.int64))
+        if self.class_pixels is None:
+            object.__setattr__(self, "class_pixels", np.zeros(c, dtype=np.int64))
+
+    def __add__(self, other: Totals) -> Totals:
+        stages = dict(self.stages)
+        for k, v in other.stages.items():
+            stages[k] = stages.get(k, 0) + v
+        return Totals(
+            num_classes=self.num_classes,
+            frames=self.frames + other.frames,
+            labelled=self.labelled + other.labelled,
+            errors=self.errors + other.errors,
+            cm=self.cm + other.cm,
+            class_pixels=self.class_pixels + other.class_pixels,
+            stages=stages,
+        )
+
+
+def totals_of(predictions: pa.Table, errors: pa.Table, num_classes: int) -> Totals:
+    """Sum the rows of a predictions table and count an errors table."""
+    cm = np.zeros(num_classes * num_classes, dtype=np.int64)
+    labelled = 0
+    for row in predictions.column(COL_CONFUSION).to_pylist():
+        if row is not None:
+            cm += np.asarray(row, dtype=np.int64)
+            labelled += 1
+    class_pixels = np.zeros(num_classes, dtype=np.int64)
+    for row in predictions.column(COL_COUNTS).to_pylist():
+        class_pixels += np.asarray(row, dtype=np.int64)
+    stages: dict[str, int] = {}
+    for stage in errors.column(COL_STAGE).to_pylist() if errors.num_rows else []:
+        stages[stage] = stages.get(stage, 0) + 1
+    return Totals(
+        num_classes=num_classes,
+        frames=predictions.num_rows,
+        labelled=labelled,
+        errors=errors.num_rows,
+        cm=cm.reshape(num_classes, num_classes),
+        class_pixels=class_pixels,
+        stages=stages,
+    )
+
+
+# ----------------------------------------------------------------------------- stage 1: load
+
+
+def listing_tables(listing: sources.Listing) -> list[pa.Table]:
+    """The listing as Ray Data input blocks: each archive alone, image files FILES_PER_TASK a block."""
+    archives = [i for i in listing.inputs if i.kind == sources.KIND_ARCHIVE]
+    files = [i for i in listing.inputs if i.kind != sources.KIND_ARCHIVE]
+    groups = [[a] for a in archives] + [files[k : k + FILES_PER_TASK] for k in range(0, len(files), FILES_PER_TASK)]
+    return [
+        pa.Table.from_pylist(
+            [
+                {
+                    COL_URI: i.uri,
+                    _COL_KIND: i.kind,
+                    COL_LABEL_URI: i.label.uri if i.label else None,
+                    _COL_LABEL_KIND: i.label.kind if i.label else None,
+                    _COL_DONE: list(i.done),
+                }
+                for i in group
+            ],
+            schema=_LISTING_SCHEMA,
+        )
+        for group in groups
+    ]
+
+
+def _error(uri: str, stage: str, message: str) -> dict:
+    return {COL_URI: uri, COL_STAGE: stage, COL_MESSAGE: message}
+
+
+def load_frame(data: bytes, uri: str, size: tuple[int, int]) -> tuple[np.ndarray, int, int]:
+    """Encoded bytes -> the frame resized to ``size`` ``(h, w, 3) uint8``, and its own height, width.
+
+    Raises BadInputError naming ``uri`` for anything that is not a readable image."""
+    try:
+        image = decode_image(data, uri)
+    except BadInputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a mode PIL cannot convert is still a bad input
+        raise BadInputError(f"{uri}: cannot convert to RGB ({type(e).__name__}: {e})") from None
+    return resize_image(image, size), image.shape[0], image.shape[1]
+
+
+def _frame_row(data: bytes, uri: str, size: tuple[int, int], label: sources.Label | None) -> dict:
+    try:
+        resized, height, width = load_frame(data, uri, size)
+    except BadInputError as e:
+        return _error(uri, STAGE_DECODE, str(e))
+    return {
+        COL_URI: uri,
+        COL_LABEL_URI: label.uri if label else None,
+        _COL_LABEL_KIND: label.kind if label else None,
+        COL_HEIGHT: height,
+        COL_WIDTH: width,
+        _COL_IMAGE: resized.tobytes(),
+    }
+
+
+def _archive_rows(archive_uri: str, images_root: str, done: frozenset[str], size, labels) -> Iterator[dict]:
+    archive_rel = storage.relative(images_root, archive_uri)
+    try:
+        for member in sources.iter_archive(archive_uri, skip=done):
+            uri = sources.member_uri(archive_uri, member.path)
+            if member.error:
+                yield _error(uri, STAGE_LIST, member.error)
+            elif not is_image(member.path):
+                yield _error(uri, STAGE_LIST, sources.not_an_image_message(uri))
+            else:
+                label = sources.label_for_member(archive_rel, member.path, labels) if labels else None
+                yield _frame_row(member.data, uri, size, label)
+    except (tarfile.TarError, EOFError) as e:
+        # The members read so far are rows already; the rest of the archive is one error row.
+        if archive_uri not in done:
+            yield _error(archive_uri, STAGE_ARCHIVE, f"{archive_uri}: broken archive ({type(e).__name__}: {e}); "
+                         "members before the damage were processed")
+    except FileNotFoundError:
+        if archive_uri not in done:
+            yield _error(archive_uri, STAGE_READ, f"{archive_uri}: not found (deleted after listing?)")
+
+
+def load_frames(
+    batch: pa.Table,
+    size: tuple[int, int],
+    images_root: str,
+    labels: dict[str, sources.Label] | None = None,
+) -> Iterator[pa.Table]:
+    """Listing rows -> frame rows (decoded, resized to ``size``) or error rows; never raises for
+    a bad input. ``labels`` (the whole label index) is needed only to pair archive members."""
+    rows: list[dict] = []
+    for item in batch.to_pylist():
+        uri, kind = item[COL_URI], item[_COL_KIND]
+        if kind == sources.KIND_ARCHIVE:
+            produced: Iterable[dict] = _archive_rows(uri, images_root, frozenset(item[_COL_DONE]), size, labels)
+        elif kind == sources.KIND_IMAGE:
+            label = sources.Label(item[COL_LABEL_URI], item[_COL_LABEL_KIND]) if item[COL_LABEL_URI] else None
+            try:
+                produced = [_frame_row(storage.read_bytes(uri), uri, size, label)]
+            except storage.StorageError as e:
+                produced = [_error(uri, STAGE_READ, str(e))]
+        else:
+            produced = [_error(uri, STAGE_LIST, sources.not_an_image_message(uri))]
+        for row in produced:
+            rows.append(row)
+            if len(rows) >= FRAMES_PER_BLOCK:
+                yield pa.Table.from_pylist(rows, schema=_FRAMES_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=_FRAMES_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- stage 2: predict
+
+ModelLoader = Callable[..., tuple]  # (uri, device) -> (model in eval mode, ModelSpec)
+
+
+def _assigned_cpus() -> int:
+    """CPUs Ray reserved for this actor (its torch threads), or torch's default outside Ray."""
+    import ray
+    import torch
+
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            return max(1, round(cpus))
+    return torch.get_num_threads()
+
+
+class Predictor:
+    """A model replica: loads the model once, then maps frame batches to argmax masks.
+
+    ``loader(uri, device) -> (model, spec)`` is modelio.load_model unless a test hands another.
+    Error rows pass through untouched; the frame column is replaced by the mask column.
+    """
+
+    def __init__(self, model_uri: str, use_gpu: bool = False, loader: ModelLoader = modelio.load_model) -> None:
+        import torch
+
+        self.torch = torch
+        self.use_gpu = use_gpu
+        if use_gpu:
+            if not torch.cuda.is_available():
+                raise InferError("--use-gpu: this replica sees no CUDA device")
+            self.device = torch.device("cuda")
+            # Convs on tensor cores are fastest in NHWC, with bf16 inputs.
+            torch.backends.cudnn.benchmark = True
+        else:
+            self.device = torch.device("cpu")
+            # One thread per reserved CPU: more would fight the decode tasks for the cores.
+            torch.set_num_threads(_assigned_cpus())
+        self.model, self.spec = loader(model_uri, self.device)
+        if use_gpu:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """``(N, h, w, 3) uint8`` frames at the model's size -> ``(N, h, w) uint8`` class indices."""
+        torch = self.torch
+        with torch.inference_mode():
+            x = modelio.images_to_tensor(images, self.spec.mean, self.spec.std, self.device, channels_last=self.use_gpu)
+            if self.use_gpu:
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                    logits = self.model(x)
+            else:
+                logits = self.model(x)
+            # argmax on the device: only 1 byte per pixel comes back to the host.
+            return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        h, w = self.spec.input_size
+        good = pc.is_null(batch.column(COL_STAGE)).to_pylist()
+        idx = [i for i, ok in enumerate(good) if ok]
+        preds: list[bytes | None] = [None] * batch.num_rows
+        if idx:
+            frames = batch.column(_COL_IMAGE).to_pylist()
+            # bytearray: one copy into a writable buffer, which torch.as_tensor wants.
+            joined = bytearray(b"".join(frames[i] for i in idx))
+            images = np.frombuffer(joined, dtype=np.uint8).reshape(len(idx), h, w, 3)
+            masks = self.predict(images)
+            for k, i in enumerate(idx):
+                preds[i] = masks[k].tobytes()
+        out = batch.drop_columns([_COL_IMAGE])
+        return out.append_column(_COL_PRED, pa.array(preds, type=pa.binary()))
+
+
+# ----------------------------------------------------------------------------- stage 3: postprocess
+
+
+def load_label(uri: str, kind: str, color_table: tuple) -> np.ndarray:
+    """A label file -> ``(H, W) uint8`` class indices (index PNG, or colour-coded via ``color_table``)."""
+    data = storage.read_bytes(uri)
+    if kind == sources.LABEL_COLOR:
+        mask, _ = colors_to_index(decode_image(data, uri), color_lookup(color_table))
+        return mask
+    return decode_index_label(data, uri)
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    mask: np.ndarray  # (H, W) uint8 class indices at the frame's own size
+    mask_png: bytes
+    class_pixel_counts: list[int]  # C
+    confusion: list[int] | None  # C*C row-major cm[true, pred]; None without a label
+    pixel_accuracy: float | None
+
+
+def finish_frame(
+    pred: np.ndarray, size: tuple[int, int], num_classes: int, void_index: int, label: np.ndarray | None = None
+) -> FrameResult:
+    """A mask at the model's size -> the frame's own ``size`` (NEAREST), its PNG and counts.
+
+    With ``label`` (``(H, W)`` class indices, same size as the frame) also its confusion counts."""
+    mask = resize_label(pred, size)
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+    confusion, accuracy = None, None
+    if label is not None:
+        cm = confusion_matrix_np(label, mask, num_classes=num_classes, ignore_index=void_index)
+        confusion = cm.ravel().tolist()
+        acc = pixel_accuracy(cm)
+        accuracy = None if np.isnan(acc) else acc
+    return FrameResult(mask, encode_png(mask), counts.astype(np.int64).tolist(), confusion, accuracy)
+
+
+def mask_uri(output: str, images_root: str, uri: str) -> str:
+    """``<images>/a/b/X.jpg`` -> ``<output>/masks/a/b/X.png`` (archive members below ``A.tar/``)."""
+    rel = storage.relative(images_root, uri)
+    return storage.join(output, MASKS_DIR, sources.frame_key(rel) + ".png")
+
+
+def postprocess(
+    batch: pa.Table,
+    model_size: tuple[int, int],
+    num_classes: int,
+    void_index: int,
+    color_table: tuple,
+    palette: list,
+    images_root: str,
+    output: str,
+    write_masks: bool,
+) -> pa.Table:
+    """Mask rows -> result rows (the predictions schema plus stage and message)."""
+    h, w = model_size
+    rows: list[dict] = []
+    for item in batch.to_pylist():
+        uri = item[COL_URI]
+        if item[COL_STAGE] is not None:
+            rows.append(_error(uri, item[COL_STAGE], item[COL_MESSAGE]))
+            continue
+        size = (item[COL_HEIGHT], item[COL_WIDTH])
+        label = None
+        if item[COL_LABEL_URI]:
+            try:
+                label = load_label(item[COL_LABEL_URI], item[_COL_LABEL_KIND], color_table)
+            except (BadInputError, storage.StorageError) as e:
+                rows.append(_error(uri, STAGE_LABEL, str(e)))
+                continue
+            if label.shape != size:
+                rows.append(_error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: label is {label.shape[1]}x"
+                                   f"{label.shape[0]} but the frame is {size[1]}x{size[0]}; they must be the same size"))
+                continue
+        pred = np.frombuffer(item[_COL_PRED], dtype=np.uint8).reshape(h, w)
+        result = finish_frame(pred, size, num_classes, void_index, label)
+        if write_masks:
+            storage.write_bytes(mask_uri(output, images_root, uri), encode_png(colorize(result.mask, palette)))
+        rows.append(
+            {
+                COL_URI: uri,
+                COL_HEIGHT: size[0],
+                COL_WIDTH: size[1],
+                COL_MASK: result.mask_png,
+                COL_COUNTS: result.class_pixel_counts,
+                COL_LABEL_URI: item[COL_LABEL_URI],
+                COL_CONFUSION: result.confusion,
+                COL_ACCURACY: result.pixel_accuracy,
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=_RESULTS_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- stage 4: write
+
+
+def part_name(uris: list[str]) -> str:
+    """A part file's name from the URIs it holds: a retried task rewrites the same file."""
+    digest = hashlib.sha1("\n".join(sorted(uris)).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"part-{digest[:20]}.parquet"
+
+
+def _write_parquet(uri: str, table: pa.Table) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(uri, buf.getvalue())  # atomic: a reader never sees half a part file
+
+
+def write_results(table: pa.Table, output: str, num_classes: int) -> Totals:
+    """Split result rows into ``predictions/`` and ``errors/`` part files; return their totals."""
+    ok = pc.is_null(table.column(COL_STAGE))
+    predictions = table.filter(ok).select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
+    errors = table.filter(pc.invert(ok)).select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
+    for folder, part in ((PREDICTIONS_DIR, predictions), (ERRORS_DIR, errors)):
+        if part.num_rows:
+            _write_parquet(storage.join(output, folder, part_name(part.column(COL_URI).to_pylist())), part)
+    return totals_of(predictions, errors, num_classes)
+
+
+def _datasink_class():
+    """PredictionSink, defined on first use: importing segray.infer must not import Ray Data."""
+    from ray.data.block import BlockAccessor
+    from ray.data.datasource import Datasink
+
+    class PredictionSink(Datasink):
+        """Writes each task's rows to predictions/ and errors/; sums the tasks' totals."""
+
+        def __init__(self, output: str, num_classes: int, rows_per_file: int) -> None:
+            self.output = output
+            self.num_classes = num_classes
+            self.rows_per_file = rows_per_file
+            self.totals = Totals(num_classes)
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return self.rows_per_file
+
+        def write(self, blocks, ctx) -> Totals:
+            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+            tables = [t for t in tables if t.num_rows]
+            if not tables:
+                return Totals(self.num_classes)
+            totals = write_results(pa.concat_tables(tables), self.output, self.num_classes)
+            print(f"infer: wrote {totals.frames} predictions, {totals.errors} errors", flush=True)
+            return totals
+
+        def on_write_complete(self, write_result) -> None:
+            for t in write_result.write_returns:
+                self.totals = self.totals + t
+
+    return PredictionSink
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def parquet_files(folder: str) -> list[str]:
+    """The part files of a folder (temporary files of an interrupted write are not parts)."""
+    return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+
+
+def done_uris(output: str) -> set[str]:
+    """URIs of every input already in ``predictions/`` or ``errors/`` (their uri column only)."""
+    done: set[str] = set()
+    for folder in (PREDICTIONS_DIR, ERRORS_DIR):
+        for uri in parquet_files(storage.join(output, folder)):
+            fs, path = storage.resolve(uri)
+            done.update(pq.read_table(path, columns=[COL_URI], filesystem=fs).column(0).to_pylist())
+    return done
+
+
+def _batch_sums(batch: pa.Table, num_classes: int) -> pa.Table:
+    """A block of prediction rows -> one row of its sums (frames, labelled, cm, class pixels)."""
+    t = totals_of(batch, pa.table({COL_STAGE: pa.array([], pa.string())}), num_classes)
+    return pa.table(
+        {
+            "frames": [t.frames],
+            "labelled": [t.labelled],
+            "cm": [t.cm.ravel().tolist()],
+            "class_pixels": [t.class_pixels.tolist()],
+        }
+    )
+
+
+def _totals_from_sums(row: dict, num_classes: int) -> Totals:
+    return Totals(
+        num_classes=num_classes,
+        frames=row["frames"],
+        labelled=row["labelled"],
+        cm=np.asarray(row["cm"], dtype=np.int64).reshape(num_classes, num_classes),
+        class_pixels=np.asarray(row["class_pixels"], dtype=np.int64),
+    )
+
+
+def aggregate_predictions(output: str, num_classes: int) -> Totals:
+    """Totals of every row in ``<output>/`` (this run's and earlier runs'), by a Ray Data pass.
+
+    Only the two count columns are read; each block is summed in its task to one row of
+    scalars, and the driver adds those few rows (one per block, never a prediction). Error
+    rows are counted from the Parquet footers."""
+    import ray
+
+    errors = 0
+    for uri in parquet_files(storage.join(output, ERRORS_DIR)):
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            errors += pq.ParquetFile(f).metadata.num_rows
+    total = Totals(num_classes, errors=errors)
+    files = parquet_files(storage.join(output, PREDICTIONS_DIR))
+    if not files:
+        return total
+    fs, _ = storage.resolve(files[0])
+    ds = ray.data.read_parquet([storage.resolve(f)[1] for f in files], filesystem=fs)
+    ds = ds.select_columns([COL_COUNTS, COL_CONFUSION])
+    ds = ds.map_batches(_batch_sums, fn_kwargs={"num_classes": num_classes}, batch_size=None, batch_format="pyarrow")
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            total = total + _totals_from_sums(row, num_classes)
+    return total
+
+
+OVERALL = "overall"
+METRICS_SCHEMA = pa.schema(
+    [
+        ("class_index", pa.int32()),  # 0..C-1; null on the overall row
+        ("class_name", pa.string()),  # OVERALL on the overall row
+        ("iou", pa.float64()),  # class IoU; null when the class is in neither labels nor predictions
+        ("miou", pa.float64()),  # overall row only: mean IoU over classes with an IoU
+        ("pixel_accuracy", pa.float64()),  # overall row only: trace / total
+        ("intersection", pa.int64()),  # cm[c, c]; overall: trace
+        ("label_pixels", pa.int64()),  # cm row sum (labelled, non-void); overall: total
+        ("predicted_pixels", pa.int64()),  # cm column sum (at labelled pixels); overall: total
+        ("mask_pixels", pa.int64()),  # pixels of the class in every predicted mask, labelled or not
+        ("images", pa.int64()),  # overall row only: predicted frames
+        ("labelled_images", pa.int64()),  # overall row only: predicted frames with a label
+        ("error_images", pa.int64()),  # overall row only: rows of errors/
+    ]
+)
+
+
+def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
+    """``metrics.parquet``: one row per class, then the ``overall`` row (schema METRICS_SCHEMA).
+
+    Every ratio comes from the one summed confusion matrix (segray.metrics); without labels
+    the ratios are null and the pixel and image counts remain."""
+    cm = totals.cm
+    has_labels = cm.sum() > 0
+    iou = iou_per_class(cm)
+    rows = []
+    for c, name in enumerate(class_names):
+        rows.append(
+            {
+                "class_index": c,
+                "class_name": name,
+                "iou": None if np.isnan(iou[c]) else float(iou[c]),
+                "intersection": int(cm[c, c]),
+                "label_pixels": int(cm[c].sum()),
+                "predicted_pixels": int(cm[:, c].sum()),
+                "mask_pixels": int(totals.class_pixels[c]),
+            }
+        )
+    total = int(cm.sum())
+    rows.append(
+        {
+            "class_name": OVERALL,
+            "miou": mean_iou(cm) if has_labels else None,
+            "pixel_accuracy": pixel_accuracy(cm) if has_labels else None,
+            "intersection": int(np.trace(cm)),
+            "label_pixels": total,
+            "predicted_pixels": total,
+            "mask_pixels": int(totals.class_pixels.sum()),
+            "images": totals.frames,
+            "labelled_images": totals.labelled,
+            "error_images": totals.errors,
+        }
+    )
+    return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass(frozen=True)
+class InferSummary:
+    output: str
+    listed: int  # inputs handed to this run (archives count as one until expanded)
+    skipped: int  # inputs already in the output (rerun)
+    run: Totals  # rows this run wrote
+    total: Totals  # every row in the output, this run's and earlier ones'
+    unpaired: int  # predicted frames (all runs) that had no label, with --labels
+    seconds: float
+    with_labels: bool
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def frames_per_second(self) -> float:
+        return (self.run.frames + self.run.errors) / self.seconds if self.seconds > 0 else 0.0
+
+
+def format_summary(s: InferSummary) -> str:
+    """The one-screen report printed at the end of a run."""
+    t = s.total
+    stages = ", ".join(f"{k} {v}" for k, v in sorted(s.run.stages.items())) or "none"
+    lines = [
+        (
+            f"infer: done in {s.seconds:.1f} s: {s.run.frames + s.run.errors} inputs this run "
+            f"({s.frames_per_second:.2f} frames/s), {s.skipped} already done"
+        ),
+        f"  predicted  {t.frames} frames ({s.run.frames} this run)",
+        f"  errors     {t.errors} ({s.run.errors} this run: {stages})" + (
+            f", see {storage.join(s.output, ERRORS_DIR)}" if t.errors else ""),
+    ]
+    if s.with_labels:
+        lines.append(f"  labelled   {t.labelled} frames, {s.unpaired} without a label (predicted, not scored)")
+        if t.cm.sum():
+            iou = iou_per_class(t.cm)
+            lines.append(f"  mIoU       {mean_iou(t.cm):.4f}   pixel accuracy {pixel_accuracy(t.cm):.4f}")
+            per_class = [f"{n} {'-' if np.isnan(v) else f'{v:.3f}'}" for n, v in zip(s.class_names, iou)]
+            for k in range(0, len(per_class), 6):
+                lines.append(("  IoU        " if k == 0 else "             ") + ", ".join(per_class[k : k + 6]))
+    lines.append(f"  output     {s.output}: {PREDICTIONS_DIR}/ {ERRORS_DIR}/ {METRICS_FILE}")
+    return "\n".join(lines)
+
+
+def color_table(labels: str | None) -> tuple:
+    """Colour -> class table for ``_L.png`` labels: ``label_colors.txt`` at the labels root if
+    there is one, else the original CamVid table."""
+    if labels:
+        uri = storage.join(labels, LABEL_COLORS_FILE)
+        if storage.exists(uri):
+            return tuple(sorted(parse_label_colors(storage.read_bytes(uri).decode("utf-8", "replace"), uri).items()))
+    return tuple(sorted((rgb, ORIGINAL_TO_11[name]) for rgb, name in ORIGINAL_COLORS))
+
+
+def _check_resources(config: InferConfig) -> None:
+    import ray
+
+    resources = ray.cluster_resources()
+    if config.use_gpu and resources.get("GPU", 0) < config.num_replicas:
+        raise InferError(
+            f"--use-gpu with {config.num_replicas} replicas needs {config.num_replicas} GPUs; the cluster has "
+            f"{resources.get('GPU', 0):g}; lower --num-replicas or drop --use-gpu"
+        )
+    cpus = resources.get("CPU", 0)
+    if not config.use_gpu and config.num_replicas * config.cpus_per_replica >= cpus:
+        raise InferError(
+            f"{config.num_replicas} CPU replicas x {config.cpus_per_replica:g} CPUs leave none of the cluster's "
+            f"{cpus:g} CPUs for decoding; lower --num-replicas"
+        )
+
+
+def run_pipeline(
+    config: InferConfig, listing: sources.Listing, spec: modelio.ModelSpec, loader: ModelLoader = modelio.load_model
+) -> Totals:
+    """The streaming pass over the listed inputs; returns the totals of the rows it wrote."""
+    import ray
+
+    num_classes = spec.unet.num_classes
+    ds = ray.data.from_arrow(listing_tables(listing))
+    ds = ds.map_batches(
+        load_frames,
+        fn_kwargs={
+            "size": spec.input_size,
+            "images_root": config.images,
+            # The whole label index travels only when archive members need pairing in tasks.
+            "labels": listing.labels if listing.archives else None,
+        },
+        batch_size=None,
+        batch_format="pyarrow",
+    )
+    # Blocks of exactly one model batch. This also keeps decoding in the tasks: Ray Data would
+    # otherwise fuse a task map into the actor map after it, and decode inside the model's actor.
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": config.model, "use_gpu": config.use_gpu, "loader": loader},
+        compute=ray.data.ActorPoolStrategy(size=config.num_replicas),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        num_gpus=1 if config.use_gpu else None,
+        num_cpus=1 if config.use_gpu else config.cpus_per_replica,
+    )
+    ds = ds.map_batches(
+        postprocess,
+        fn_kwargs={
+            "model_size": spec.input_size,
+            "num_classes": num_classes,
+            "void_index": spec.void_index,
+            "color_table": color_table(config.labels),
+            "palette": spec.palette,
+            "images_root": config.images,
+            "output": config.output,
+            "write_masks": config.write_masks,
+        },
+        batch_size=None,
+        batch_format="pyarrow",
+    )
+    # Blocks of one part file each. Unfused from the write, postprocessing streams batch by
+    # batch behind the model instead of waiting for a whole file's rows.
+    ds = ds.repartition(target_num_rows_per_block=config.rows_per_file)
+    sink = _datasink_class()(config.output, num_classes, config.rows_per_file)
+    ds.write_datasink(sink)
+    return sink.totals
+
+
+def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> InferSummary:
+    """Run the infer stage on the connected Ray cluster (module doc: outputs and reruns)."""
+    start = time.perf_counter()
+    config = dataclasses.replace(
+        config,
+        model=storage.normalize(config.model),
+        images=storage.normalize(config.images),
+        output=storage.normalize(config.output),
+        labels=storage.normalize(config.labels) if config.labels else None,
+    )
+    spec = modelio.load_spec(config.model)  # fails fast, naming the URI, before any work
+    num_classes = spec.unet.num_classes
+    _check_resources(config)
+    storage.check_writable(config.output)
+    # From here on the output is incomplete until metrics.parquet is written again.
+    storage.delete(storage.join(config.output, METRICS_FILE))
+
+    done = done_uris(config.output)
+    listing = sources.list_inputs(config.images, config.labels, done, exclude=(config.output,))
+    skipped = listing.skipped + sum(len(i.done) for i in listing.inputs)
+    print(
+        f"infer: {config.images}: {listing.images} image files, {listing.archives} archives, {listing.others} other "
+        f"files to process; {skipped} inputs already in {config.output}"
+        + (f"; {len(listing.labels)} labels in {config.labels}" if config.labels else ""),
+        flush=True,
+    )
+    print(f"infer: model {config.model}: input {spec.input_height}x{spec.input_width}, {num_classes} classes, "
+          f"{config.num_replicas} replica(s) on {'GPU' if config.use_gpu else 'CPU'}", flush=True)
+
+    run = Totals(num_classes)
+    if listing.inputs:
+        run = run_pipeline(config, listing, spec, loader)
+    # A first run's totals are the sums its write tasks returned; after a rerun the earlier
+    # rows count too, so every part file is summed again (two small columns only).
+    total = aggregate_predictions(config.output, num_classes) if done else run
+    _write_parquet(storage.join(config.output, METRICS_FILE), metrics_table(total, list(spec.classes)))
+    summary = InferSummary(
+        output=config.output,
+        listed=len(listing.inputs),
+        skipped=skipped,
+        run=run,
+        total=total,
+        unpaired=total.frames - total.labelled,
+        seconds=time.perf_counter() - start,
+        with_labels=bool(config.labels),
+        class_names=tuple(spec.classes),
+    )
+    print(format_summary(summary), flush=True)
+    return summary
