@@ -1,0 +1,175 @@
+"""The report of a model on labelled frames, built from the infer stage's outputs.
+
+Reads ``<output>/predictions/`` (confusion counts, pixel accuracy, mask PNGs) and
+``<output>/metrics.parquet``; with a training run, also its ``metrics.json`` curves. Writes an
+HTML page with PNGs (segray.report) anywhere a URI points. Every number on the page comes
+from the same summed confusion matrix that ``metrics.parquet`` was computed from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from segray import storage
+from segray.camvid import CLASSES, PALETTE, VOID_INDEX
+from segray.infer import COL_ACCURACY, COL_CONFUSION, COL_LABEL_URI, COL_MASK, COL_URI, METRICS_FILE, PREDICTIONS_DIR
+from segray.preprocess import decode_image, decode_index_label
+from segray.report import Example, write_report
+
+# Small, often occluded classes whose IoU hides how many objects are missed (the CamVid weak spot).
+SMALL_CLASSES: tuple[int, ...] = (2, 6, 9, 10)  # Pole, SignSymbol, Pedestrian, Bicyclist
+SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
+    ("< 64 px", 0, 64),
+    ("64-255 px", 64, 256),
+    ("256-1023 px", 256, 1024),
+    ("≥ 1024 px", 1024, 1 << 62),
+)
+
+
+def read_table(uri: str, columns: list[str] | None = None, filters=None):
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+
+
+def summed_confusion(output: str, num_classes: int = len(CLASSES)) -> np.ndarray:
+    """``(C, C)`` int64: the confusion counts of every labelled row of ``predictions/``."""
+    table = read_table(storage.join(output, PREDICTIONS_DIR), columns=[COL_CONFUSION])
+    cm = np.zeros(num_classes * num_classes, dtype=np.int64)
+    for row in table.column(COL_CONFUSION).to_pylist():
+        if row is not None:
+            cm += np.asarray(row, dtype=np.int64)
+    return cm.reshape(num_classes, num_classes)
+
+
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a boolean ``(H, W)`` mask -> ``(labels int32, count)``.
+
+    Label propagation (each pixel takes the smallest label among its neighbours until nothing
+    changes): numpy only, and fast for the thin, small objects it is used for."""
+    h, w = mask.shape
+    labels = np.where(mask, np.arange(1, h * w + 1, dtype=np.int64).reshape(h, w), 0)
+    big = np.iinfo(np.int64).max
+    while True:
+        cur = np.where(mask, labels, big)
+        nxt = cur.copy()
+        nxt[1:, :] = np.minimum(nxt[1:, :], cur[:-1, :])
+        nxt[:-1, :] = np.minimum(nxt[:-1, :], cur[1:, :])
+        nxt[:, 1:] = np.minimum(nxt[:, 1:], cur[:, :-1])
+        nxt[:, :-1] = np.minimum(nxt[:, :-1], cur[:, 1:])
+        nxt = np.where(mask, nxt, 0)
+        if np.array_equal(nxt, labels):
+            break
+        labels = nxt
+    uniq, inverse = np.unique(labels, return_inverse=True)
+    out = inverse.reshape(h, w).astype(np.int32)  # 0 stays background since it sorts first
+    return out, len(uniq) - 1 if uniq[0] == 0 else len(uniq)
+
+
+def small_object_stats(pairs: list[tuple[np.ndarray, np.ndarray]], classes=SMALL_CLASSES) -> dict:
+    """Per small class and object-size bucket: objects, their pixels, pixels found, objects found.
+
+    ``pairs`` are ``(label, prediction)`` masks. An object is a 4-connected component of the
+    class in the label; it is *found* when at least half its pixels are predicted as the class.
+    The bucket's IoU counts its objects' pixels as truth and the class's predicted pixels that
+    touch none of the class's objects as false positives of the smallest bucket they are
+    closest to — too arbitrary, so the table reports recall (pixels found / object pixels)."""
+    stats = {c: {b[0]: [0, 0, 0, 0] for b in SIZE_BUCKETS} for c in classes}
+    for label, pred in pairs:
+        for c in classes:
+            comp, n = connected_components(label == c)
+            if n == 0:
+                continue
+            areas = np.bincount(comp.ravel(), minlength=n + 1)
+            hits = np.bincount(comp.ravel(), weights=(pred == c).ravel(), minlength=n + 1)
+            for k in range(1, n + 1):
+                for name, lo, hi in SIZE_BUCKETS:
+                    if lo <= areas[k] < hi:
+                        s = stats[c][name]
+                        s[0] += 1
+                        s[1] += int(areas[k])
+                        s[2] += int(hits[k])
+                        s[3] += int(hits[k] * 2 >= areas[k])
+    return stats
+
+
+def small_object_table(stats: dict, class_names=CLASSES) -> str:
+    head = "<tr><th>class</th><th>object size</th><th>objects</th><th>pixel recall</th><th>objects found (≥50% px)</th></tr>"
+    rows = []
+    for c, buckets in stats.items():
+        for name, (objects, pixels, found_px, found) in buckets.items():
+            if objects == 0:
+                continue
+            rows.append(
+                f"<tr><td>{class_names[c]}</td><td>{name}</td><td>{objects}</td>"
+                f"<td>{found_px / pixels:.3f}</td><td>{found / objects:.3f}</td></tr>"
+            )
+    return "<table>" + head + "".join(rows) + "</table>" if rows else "<p>No small objects in the labels.</p>"
+
+
+def _load_history(run: str | None) -> list[dict]:
+    if not run:
+        return []
+    uri = storage.join(run, "metrics.json")
+    if not storage.exists(uri):
+        return []
+    data = json.loads(storage.read_bytes(uri))
+    return data.get("history", []) if isinstance(data, dict) else []
+
+
+def _read_example(row: dict) -> Example | None:
+    try:
+        image = decode_image(storage.read_bytes(row[COL_URI]), row[COL_URI])
+    except Exception:  # noqa: BLE001 - archive members and vanished files are left out of the pictures
+        return None
+    pred = np.asarray(Image.open(io.BytesIO(row[COL_MASK])))
+    label = None
+    if row.get(COL_LABEL_URI):
+        try:
+            label = decode_index_label(storage.read_bytes(row[COL_LABEL_URI]), row[COL_LABEL_URI])
+        except Exception:  # noqa: BLE001 - colour-coded labels: show the prediction only
+            label = None
+    return Example(row[COL_URI].rsplit("/", 1)[-1], image, pred, label, row.get(COL_ACCURACY))
+
+
+def build_report(output: str, dest: str, run: str | None = None, title: str = "segray report",
+                 examples: int = 6, small_object_frames: int = 200) -> str:
+    """Write the report of infer ``output`` (with labels) to ``dest``; returns the page URI."""
+    output, dest = storage.normalize(output), storage.normalize(dest)
+    if not storage.exists(storage.join(output, METRICS_FILE)):
+        raise FileNotFoundError(f"{output}: no {METRICS_FILE}; run jobs/infer.py with --labels to this output first")
+    cm = summed_confusion(output)
+    table = read_table(storage.join(output, PREDICTIONS_DIR), columns=[COL_URI, COL_LABEL_URI, COL_ACCURACY])
+    scored = [r for r in table.to_pylist() if r[COL_ACCURACY] is not None]
+    scored.sort(key=lambda r: r[COL_ACCURACY])
+    half = max(1, examples // 2)
+    # Best and worst frames for the pictures, and up to `small_object_frames` for the size table.
+    wanted = {r[COL_URI] for r in scored[-half:] + scored[:half] + scored[:: max(1, len(scored) // small_object_frames)]}
+    rows = {}
+    if wanted:
+        full = read_table(storage.join(output, PREDICTIONS_DIR), filters=[(COL_URI, "in", sorted(wanted))])
+        rows = {r[COL_URI]: r for r in full.to_pylist()}
+    picked = []
+    for r in scored[-half:][::-1] + scored[:half]:
+        ex = _read_example(rows[r[COL_URI]]) if r[COL_URI] in rows else None
+        if ex is not None and ex.name not in [p.name for p in picked]:
+            picked.append(ex)
+    pairs = []
+    for r in rows.values():
+        if r.get(COL_LABEL_URI):
+            try:
+                label = decode_index_label(storage.read_bytes(r[COL_LABEL_URI]), r[COL_LABEL_URI])
+            except Exception:  # noqa: BLE001
+                continue
+            pairs.append((label, np.asarray(Image.open(io.BytesIO(r[COL_MASK])))))
+    sections = [("Small objects by size", small_object_table(small_object_stats(pairs)) +
+                 f"<p>Over {len(pairs)} labelled frames. Object = 4-connected region of the class in the label.</p>")]
+    facts = {"predictions": output, "frames scored": f"{len(scored)}", "void label": f"{VOID_INDEX} (ignored)"}
+    if run:
+        facts["training run"] = run
+    return write_report(dest, title=title, cm=cm, history=_load_history(run), examples=picked, facts=facts,
+                        sections=sections, class_names=CLASSES, palette=PALETTE)

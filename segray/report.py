@@ -1,0 +1,119 @@
+"""An HTML report people look at: metrics, per-class IoU, confusion matrix, training curves
+and frames with their predicted masks. Written as ``index.html`` plus PNGs to any URI, so it
+opens in a browser from a local folder or from object storage."""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from segray import storage
+from segray.camvid import CLASSES, PALETTE
+from segray.metrics import iou_per_class, mean_iou, pixel_accuracy
+from segray.preprocess import encode_png
+from segray.visualize import confusion_image, overlay, side_by_side, svg_lines
+
+REPORT_FILE = "index.html"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One frame for the report: ``image (H, W, 3) uint8``, masks ``(H, W) uint8``."""
+
+    name: str
+    image: np.ndarray
+    pred: np.ndarray
+    label: np.ndarray | None = None
+    score: float | None = None  # e.g. the frame's pixel accuracy
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _swatch(rgb) -> str:
+    r, g, b = rgb
+    return f'<span class="sw" style="background:rgb({r},{g},{b})"></span>'
+
+
+def iou_table(cm: np.ndarray, class_names=CLASSES, palette=PALETTE) -> str:
+    cm = np.asarray(cm)
+    ious = iou_per_class(cm)
+    support = cm.sum(axis=1)
+    rows = [
+        f"<tr><td>{_swatch(palette[i])} {html.escape(n)}</td><td>{_fmt(float(ious[i]))}</td><td>{int(support[i]):,}</td></tr>"
+        for i, n in enumerate(class_names)
+    ]
+    rows.append(f"<tr class='total'><td>mean IoU</td><td>{_fmt(mean_iou(cm))}</td><td>{int(support.sum()):,}</td></tr>")
+    return "<table><tr><th>class</th><th>IoU</th><th>true pixels</th></tr>" + "".join(rows) + "</table>"
+
+
+def history_charts(history: list[dict]) -> str:
+    if not history:
+        return "<p>No training history.</p>"
+    epochs = [h.get("epoch") for h in history]
+    losses = {k: [h.get(k) for h in history] for k in ("train_loss", "val_loss") if any(k in h for h in history)}
+    scores = {k: [h.get(k) for h in history] for k in ("val_miou", "val_pixel_accuracy") if any(k in h for h in history)}
+    return svg_lines(losses, epochs, "loss") + svg_lines(scores, epochs, "validation")
+
+
+def write_report(
+    dest: str,
+    *,
+    title: str,
+    cm: np.ndarray | None,
+    history: list[dict] | None = None,
+    examples: list[Example] = (),
+    facts: dict[str, str] | None = None,
+    sections: list[tuple[str, str]] = (),
+    class_names=CLASSES,
+    palette=PALETTE,
+) -> str:
+    """Write ``<dest>/index.html`` and its PNGs; returns the page's URI.
+
+    ``cm`` is the summed confusion matrix ``(C, C)`` the numbers come from; ``sections`` are
+    extra ``(heading, html)`` blocks."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if cm is not None:
+        body.append(
+            f"<p class='big'>mIoU <b>{_fmt(mean_iou(cm))}</b> · pixel accuracy <b>{_fmt(pixel_accuracy(cm))}</b>"
+            f" · {int(np.asarray(cm).sum()):,} labelled pixels</p>"
+        )
+    if facts:
+        body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()) + "</table>")
+    if history:
+        body.append("<h2>Training</h2>" + history_charts(history))
+    if cm is not None:
+        storage.write_bytes(storage.join(dest, "confusion.png"), encode_png(confusion_image(cm, list(class_names))))
+        body.append("<h2>Per-class IoU</h2><div class='row'>" + iou_table(cm, class_names, palette))
+        body.append("<img src='confusion.png' alt='confusion matrix'></div>")
+    for heading, block in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>{block}")
+    if examples:
+        body.append("<h2>Frames</h2><p>frame · prediction overlaid · label overlaid (where known)</p>")
+        for i, ex in enumerate(examples):
+            panels = [ex.image, overlay(ex.image, ex.pred, palette=palette)]
+            if ex.label is not None:
+                panels.append(overlay(ex.image, ex.label, palette=palette))
+            name = f"frame_{i:03d}.png"
+            storage.write_bytes(storage.join(dest, name), encode_png(side_by_side(*panels)))
+            score = f" — pixel accuracy {_fmt(ex.score)}" if ex.score is not None else ""
+            body.append(f"<figure><img src='{name}' alt='{html.escape(ex.name)}'><figcaption>{html.escape(ex.name)}{score}</figcaption></figure>")
+        legend = " ".join(f"{_swatch(palette[i])}{html.escape(n)}" for i, n in enumerate(class_names))
+        body.append(f"<p class='legend'>{legend}</p>")
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:24px;max-width:1200px}"
+        "table{border-collapse:collapse;margin:8px 16px 8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+        ".sw{display:inline-block;width:12px;height:12px;margin-right:4px;vertical-align:middle;border:1px solid #999}"
+        ".row{display:flex;align-items:flex-start;flex-wrap:wrap}.big{font-size:1.3em}.total{font-weight:bold}"
+        "figure{margin:8px 0}img{max-width:100%}.chart{margin-right:12px}.legend{line-height:1.8}"
+        "</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )
+    uri = storage.join(dest, REPORT_FILE)
+    storage.write_bytes(uri, page.encode())
+    return uri
