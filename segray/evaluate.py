@@ -49,9 +49,12 @@ def summed_confusion(output: str, num_classes: int = len(CLASSES)) -> np.ndarray
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """4-connected components of a boolean ``(H, W)`` mask -> ``(labels int32, count)``.
 
-    Label propagation (each pixel takes the smallest label among its neighbours until nothing
-    changes): numpy only, and fast for the thin, small objects it is used for."""
+    Label propagation with pointer jumping: every pixel starts with its own index + 1, takes
+    the smallest label among its neighbours, then jumps to the label of the pixel its label
+    names (always a pixel of the same component), which halves long chains such as poles
+    each round. numpy only; no SciPy dependency for one function."""
     h, w = mask.shape
+    flat_mask = mask.ravel()
     labels = np.where(mask, np.arange(1, h * w + 1, dtype=np.int64).reshape(h, w), 0)
     big = np.iinfo(np.int64).max
     while True:
@@ -62,6 +65,9 @@ def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
         nxt[:, 1:] = np.minimum(nxt[:, 1:], cur[:, :-1])
         nxt[:, :-1] = np.minimum(nxt[:, :-1], cur[:, 1:])
         nxt = np.where(mask, nxt, 0)
+        flat = nxt.ravel()
+        for _ in range(4):
+            flat[flat_mask] = flat[flat[flat_mask] - 1]
         if np.array_equal(nxt, labels):
             break
         labels = nxt
