@@ -83,7 +83,8 @@ def write_report(
             f" · {int(np.asarray(cm).sum()):,} labelled pixels</p>"
         )
     if facts:
-        body.append("<table>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items()) + "</table>")
+        cells = (f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts.items())
+        body.append("<table>" + "".join(cells) + "</table>")
     if history:
         body.append("<h2>Training</h2>" + history_charts(history))
     if cm is not None:
@@ -101,7 +102,8 @@ def write_report(
             name = f"frame_{i:03d}.png"
             storage.write_bytes(storage.join(dest, name), encode_png(side_by_side(*panels)))
             score = f" — pixel accuracy {_fmt(ex.score)}" if ex.score is not None else ""
-            body.append(f"<figure><img src='{name}' alt='{html.escape(ex.name)}'><figcaption>{html.escape(ex.name)}{score}</figcaption></figure>")
+            caption = f"<figcaption>{html.escape(ex.name)}{score}</figcaption>"
+            body.append(f"<figure><img src='{name}' alt='{html.escape(ex.name)}'>{caption}</figure>")
         legend = " ".join(f"{_swatch(palette[i])}{html.escape(n)}" for i, n in enumerate(class_names))
         body.append(f"<p class='legend'>{legend}</p>")
     page = (

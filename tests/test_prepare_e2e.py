@@ -75,7 +75,7 @@ def test_segnet_layout_from_s3(run_job, s3_prefix):
 def test_original_layout_from_s3_and_rerun_replaces(run_job, s3_prefix):
     src, dest = f"{s3_prefix}/orig", f"{s3_prefix}/prepared"
     written = write_dataset(src, layout="original", counts={"train": 9, "val": 3, "test": 3}, size=(48, 64), seed=2)
-    for attempt in range(2):  # the rerun must replace, not append to, the shards
+    for _attempt in range(2):  # the rerun must replace, not append to, the shards
         proc = run_job("prepare", "--source", src, "--dest", dest, "--size", SIZE)
         assert proc.returncode == 0, proc.stderr[-3000:]
     info = read_info(dest)
