@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-replicas", type=int, default=1,
                         help="model replicas (actors); each takes a GPU with --use-gpu, else --cpus-per-replica")
     parser.add_argument("--cpus-per-replica", type=float, default=1.0,
-                        help="CPUs (and torch threads) per CPU replica (default 1)")
+                        help="CPUs Ray reserves per CPU replica (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per CPU replica (default: the machine's cores / --num-replicas, at least "
+                        "--cpus-per-replica; decoding shares the cores)")
     parser.add_argument("--rows-per-file", type=int, default=1000,
                         help="rows per Parquet part file of predictions/ and errors/ (default 1000)")
     parser.add_argument("--write-masks", action="store_true",
@@ -55,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             num_replicas=args.num_replicas,
             cpus_per_replica=args.cpus_per_replica,
+            threads=args.threads,
             write_masks=args.write_masks,
             rows_per_file=args.rows_per_file,
         )
         infer(config)
 
-    return run_job("infer", body)
+    return run_job("infer", body, gpu=args.use_gpu)
 
 
 if __name__ == "__main__":

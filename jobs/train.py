@@ -14,7 +14,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from segray.jobs import run_job  # noqa: E402
-from segray.train import CLASS_WEIGHTINGS, SCHEDULES, TrainConfig  # noqa: E402
+from segray.preprocess import parse_size  # noqa: E402
+from segray.train import CLASS_WEIGHTINGS, SCALE_RANGE, SCHEDULES, TrainConfig  # noqa: E402
+
+
+def _scale_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LO,HI, e.g. 0.75,1.5") from None
+    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-weighting", choices=CLASS_WEIGHTINGS, default="median_freq",
                         help="cross-entropy class weights from dataset.json pixel counts (default median_freq)")
     parser.add_argument("--no-augment", dest="augment", action="store_false",
-                        help="turn off random flip and scale-crop of training images")
+                        help="turn off random flip, scale-crop and colour jitter of training images")
+    parser.add_argument("--scale-range", type=_scale_range, default=SCALE_RANGE, metavar="LO,HI",
+                        help="random scale of the scale-crop augmentation, log-uniform (default %s,%s)" % SCALE_RANGE)
+    parser.add_argument("--crop", type=parse_size, default=None, metavar="HxW",
+                        help="train on random HxW windows of the (scaled) frames: a cheaper step, more epochs in "
+                        "the same time; validation uses whole frames (default: whole frames)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of weights, shuffling, augmentation (default 0)")
     parser.add_argument("--max-failures", type=int, default=0,
                         help="restart the workers from the latest checkpoint this many times on failure (default 0)")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -163,7 +164,8 @@ class InferConfig:
     batch_size: int = 16  # frames per model call
     num_replicas: int = 1  # model actors; each takes one GPU with use_gpu
     write_masks: bool = False  # colour PNGs under <output>/masks/
-    cpus_per_replica: float = 1.0  # CPUs reserved by each CPU model actor (= its torch threads)
+    cpus_per_replica: float = 1.0  # CPUs Ray reserves for each CPU model actor
+    threads: int | None = None  # torch threads of a CPU replica; None: cpu_threads_default()
     rows_per_file: int = 1000  # rows per Parquet part file (at least; the last may be smaller)
 
     def __post_init__(self) -> None:
@@ -173,6 +175,8 @@ class InferConfig:
                 raise InferError(f"{name} must be a positive integer, got {value!r}")
         if self.cpus_per_replica <= 0:
             raise InferError(f"cpus_per_replica must be positive, got {self.cpus_per_replica!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise InferError(f"threads must be a positive integer, got {self.threads!r}")
 
 
 # ----------------------------------------------------------------------------- totals
@@ -364,14 +368,35 @@ def _assigned_cpus() -> int:
     return torch.get_num_threads()
 
 
+def cpu_threads_default(num_replicas: int, reserved: int) -> int:
+    """Torch threads of a CPU replica: this machine's cores shared among the replicas, at least
+    the CPUs Ray reserved for it.
+
+    Deliberately more than the reservation: the decode/encode tasks that share the node run in
+    short bursts between model batches, and a replica held to its one reserved CPU left the
+    other cores idle while it computed (docs/benchmarks.md: 1 thread 11 frames/s, 2 threads 18
+    on 2 cores). The OS interleaves the two; the model is most of the work per frame."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, reserved, cores // max(1, num_replicas))
+
+
 class Predictor:
     """A model replica: loads the model once, then maps frame batches to argmax masks.
 
     ``loader(uri, device) -> (model, spec)`` is modelio.load_model unless a test hands another.
     Error rows pass through untouched; the frame column is replaced by the mask column.
+    On CPU the model runs in channels-last (NHWC) memory format, oneDNN's fast layout for
+    convolutions, with ``threads`` torch threads (default: cpu_threads_default).
     """
 
-    def __init__(self, model_uri: str, use_gpu: bool = False, loader: ModelLoader = modelio.load_model) -> None:
+    def __init__(
+        self,
+        model_uri: str,
+        use_gpu: bool = False,
+        loader: ModelLoader = modelio.load_model,
+        threads: int | None = None,
+        num_replicas: int = 1,
+    ) -> None:
         import torch
 
         self.torch = torch
@@ -384,17 +409,15 @@ class Predictor:
             torch.backends.cudnn.benchmark = True
         else:
             self.device = torch.device("cpu")
-            # One thread per reserved CPU: more would fight the decode tasks for the cores.
-            torch.set_num_threads(_assigned_cpus())
+            torch.set_num_threads(threads or cpu_threads_default(num_replicas, _assigned_cpus()))
         self.model, self.spec = loader(model_uri, self.device)
-        if use_gpu:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(N, h, w, 3) uint8`` frames at the model's size -> ``(N, h, w) uint8`` class indices."""
         torch = self.torch
         with torch.inference_mode():
-            x = modelio.images_to_tensor(images, self.spec.mean, self.spec.std, self.device, channels_last=self.use_gpu)
+            x = modelio.images_to_tensor(images, self.spec.mean, self.spec.std, self.device, channels_last=True)
             if self.use_gpu:
                 with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                     logits = self.model(x)
@@ -765,10 +788,12 @@ def _check_resources(config: InferConfig) -> None:
             f"{resources.get('GPU', 0):g}; lower --num-replicas or drop --use-gpu"
         )
     cpus = resources.get("CPU", 0)
-    if not config.use_gpu and config.num_replicas * config.cpus_per_replica >= cpus:
+    # Decode and encode tasks take one whole CPU each: with less than one left over they would
+    # never be scheduled and the job would wait forever.
+    if not config.use_gpu and cpus - config.num_replicas * config.cpus_per_replica < 1:
         raise InferError(
-            f"{config.num_replicas} CPU replicas x {config.cpus_per_replica:g} CPUs leave none of the cluster's "
-            f"{cpus:g} CPUs for decoding; lower --num-replicas"
+            f"{config.num_replicas} CPU replicas x {config.cpus_per_replica:g} CPUs leave less than 1 of the "
+            f"cluster's {cpus:g} CPUs for decoding; lower --num-replicas or --cpus-per-replica"
         )
 
 
@@ -796,7 +821,13 @@ def run_pipeline(
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": config.model, "use_gpu": config.use_gpu, "loader": loader},
+        fn_constructor_kwargs={
+            "model_uri": config.model,
+            "use_gpu": config.use_gpu,
+            "loader": loader,
+            "threads": config.threads,
+            "num_replicas": config.num_replicas,
+        },
         compute=ray.data.ActorPoolStrategy(size=config.num_replicas),
         batch_size=config.batch_size,
         batch_format="pyarrow",

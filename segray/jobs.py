@@ -9,11 +9,12 @@ from segray.errors import one_line
 from segray.runtime import init_ray
 
 
-def run_job(stage: str, body: Callable[[], object], connect: bool = True) -> int:
-    """Run ``body`` on the cluster; exit code 0 on success, 1 with ``<stage>: error: ...`` on failure."""
+def run_job(stage: str, body: Callable[[], object], connect: bool = True, gpu: bool = False) -> int:
+    """Run ``body`` on the cluster; exit code 0 on success, 1 with ``<stage>: error: ...`` on failure.
+    ``gpu``: the job's model runs on GPU workers (runtime.worker_env)."""
     try:
         if connect:
-            init_ray()
+            init_ray(gpu=gpu)
         body()
     except KeyboardInterrupt:
         print(f"{stage}: interrupted", file=sys.stderr, flush=True)

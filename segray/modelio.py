@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -109,12 +110,24 @@ def load_spec(uri: str) -> ModelSpec:
     return ModelSpec(**raw)
 
 
+def load_tensors(data: bytes, name: str):
+    """``torch.load(weights_only=True)`` of a file's bytes: tensors and plain containers only, so a
+    model or checkpoint file can never run code on load; anything else is refused, naming the file."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        raise ModelError(
+            f"{name}: refused to load: not a plain tensor file (torch.load weights_only=True: "
+            f"{reason[-1] if reason else type(e).__name__})"
+        ) from None
+
+
 def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, ModelSpec]:
     """Rebuild the exported model from ``uri`` (run folder or ``model/``), in eval mode on ``device``."""
     spec = load_spec(uri)
     weights_uri = storage.join(model_dir(uri), WEIGHTS_FILE)
-    # weights_only=True: a model file can never run code on load.
-    state = torch.load(io.BytesIO(storage.read_bytes(weights_uri)), map_location="cpu", weights_only=True)
+    state = load_tensors(storage.read_bytes(weights_uri), weights_uri)
     model = build_model(spec.unet)
     model.load_state_dict(state)
     return model.to(device).eval(), spec

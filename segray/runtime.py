@@ -1,9 +1,10 @@
 """Connecting to Ray: one place that decides what every worker process inherits.
 
 Ray workers do not inherit the driver's environment (they are forked by the raylet), so the
-S3 settings of the standard AWS environment are forwarded to them through the job's runtime
-environment. Inside `ray job submit`, variables the submitter already put in the job's
-runtime_env win and are not repeated (Ray refuses duplicate keys).
+S3 settings of the standard AWS environment (endpoint, region; never credentials, see
+CREDENTIAL_ENV) are forwarded to them through the job's runtime environment. Inside
+`ray job submit`, variables the submitter already put in the job's runtime_env win and are
+not repeated (Ray refuses duplicate keys).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ FORWARDED_ENV: tuple[str, ...] = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "SEGRAY_S3_MAX_ATTEMPTS",
 )
+# Never forwarded: Ray writes a job's runtime_env, env_vars included, in plain text to
+# runtime_env_agent.log on every node. Workers take credentials from their own environment:
+# an instance role, IRSA, or the shell that started the cluster (cluster/README.md); a local
+# cluster started by ray.init() inherits the driver's.
+CREDENTIAL_ENV: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 # glibc returns freed arenas to the OS and page-faults them back on every PyTorch step; on a
 # small CPU VM that made a U-Net 2-4x slower. High thresholds keep the memory mapped
@@ -34,11 +37,13 @@ CPU_MALLOC_ENV: dict[str, str] = {
 _JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for submitted drivers
 
 
-def worker_env() -> dict[str, str]:
-    """Environment variables every worker of this job should get."""
+def worker_env(gpu: bool = False) -> dict[str, str]:
+    """Environment variables every worker of this job should get; ``gpu``: a GPU job, whose workers
+    keep the allocator settings of their image (CPU_MALLOC_ENV is for CPU workers only)."""
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    for k, v in CPU_MALLOC_ENV.items():
-        env.setdefault(k, os.environ.get(k, v))
+    if not gpu:
+        for k, v in CPU_MALLOC_ENV.items():
+            env.setdefault(k, os.environ.get(k, v))
     job_config = os.environ.get(_JOB_CONFIG_VAR)
     if job_config:
         try:
@@ -49,13 +54,14 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def init_ray(address: str | None = None, quiet: bool = False) -> None:
-    """Connect to the cluster (RAY_ADDRESS, a running local one, or start one) once."""
+def init_ray(address: str | None = None, quiet: bool = False, gpu: bool = False) -> None:
+    """Connect to the cluster (RAY_ADDRESS, a running local one, or start one) once; ``gpu``: the
+    job's heavy workers are GPU workers (worker_env)."""
     import ray
 
     if ray.is_initialized():
         return
-    env = worker_env()
+    env = worker_env(gpu)
     ray.init(
         address=address,
         runtime_env={"env_vars": env} if env else None,

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import re
+import time
 import uuid
 from urllib.parse import urlparse
 
@@ -44,12 +46,33 @@ def _s3_settings() -> tuple[str | None, str | None, str | None]:
     return endpoint, region, key_id
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem with the retry strategy and timeouts kept across pickling.
+
+    pyarrow (26) pickles an S3FileSystem without its ``retry_strategy`` and timeouts, so the
+    copy that Ray sends to a Ray Data write task or a Ray Train worker (checkpoint uploads)
+    would fall back to pyarrow's 3 attempts. This subclass pickles its own settings (never
+    credentials: pyarrow reads those from the environment of the process that uses it)."""
+
+    def __init__(self, settings: dict) -> None:
+        self._segray_settings = dict(settings)
+        kwargs = dict(settings)
+        attempts = kwargs.pop("max_attempts")
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+
+    def __reduce__(self):
+        return (RetryingS3FileSystem, (self._segray_settings,))
+
+
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None) -> pafs.S3FileSystem:
     kwargs: dict = {
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        "max_attempts": S3_MAX_ATTEMPTS,
         "connect_timeout": 10.0,
         "request_timeout": 60.0,
+        # Small objects in one idempotent PutObject instead of a multipart upload opened at
+        # open(): a retried CompleteMultipartUpload whose first answer was lost can fail.
+        "allow_delayed_open": True,
     }
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
@@ -59,7 +82,7 @@ def _s3_filesystem(endpoint: str | None, region: str | None, key_id: str | None)
         kwargs["region"] = region or "us-east-1"
     elif region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(kwargs)
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -116,13 +139,47 @@ def is_dir(uri: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
+# The AWS SDK writes an error answer's body into the buffer of a GetObject, which pyarrow sizes
+# like the object: the ~250-byte XML of a 503 SlowDown does not fit the buffer of a smaller
+# object, and the SDK reports INTERNAL_FAILURE, which it never retries (apache/doris#66557
+# describes the same SDK behaviour). read_bytes retries that case itself.
+_OVERFLOWED_ERROR_BODY = "Failed to flush response stream"
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        for attempt in range(S3_MAX_ATTEMPTS):
+            try:
+                with fs.open_input_stream(path) as f:
+                    return f.read()
+            except OSError as e:
+                if isinstance(e, FileNotFoundError) or _OVERFLOWED_ERROR_BODY not in str(e) \
+                        or attempt + 1 >= S3_MAX_ATTEMPTS:
+                    raise
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+        raise AssertionError("unreachable")
     except FileNotFoundError as e:
+        if isinstance(fs, pafs.LocalFileSystem) and _undecodable_exists(path):
+            raise StorageError(
+                f"{uri}: the file name is not valid UTF-8 (shown with \\x escapes); rename the file"
+            ) from None
         raise StorageError(f"{uri}: not found") from e
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def _display_name(path: str) -> str:
+    """A local path as os.walk gives it (undecodable bytes as surrogates) -> valid UTF-8 text,
+    the undecodable bytes shown as ``\\xNN``. Parquet strings and S3 keys are UTF-8 only, so such
+    a file can be named in messages and error rows, but not read (see read_bytes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _undecodable_exists(path: str) -> bool:
+    raw = _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), path)
+    return raw != path and os.path.lexists(raw)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -148,8 +205,17 @@ def list_files(uri: str) -> list[str]:
         return [uri]
     if info.type == pafs.FileType.NotFound:
         return []
-    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     out = []
+    if isinstance(fs, pafs.LocalFileSystem):
+        # os.walk, not pyarrow: pyarrow's listing fails as a whole on one file name that is not
+        # UTF-8; here such a name is listed in its \\x-escaped form and fails alone when read.
+        for folder, _, names in os.walk(path):
+            for name in names:
+                full = os.path.join(folder, name)
+                if os.path.isfile(full):
+                    out.append(join(uri, _display_name(os.path.relpath(full, path))))
+        return sorted(out)
+    selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     for entry in fs.get_file_info(selector):
         if entry.type == pafs.FileType.File:
             rel = entry.path[len(path):].lstrip("/")

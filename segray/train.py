@@ -19,7 +19,6 @@ epoch done it only re-exports.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -59,6 +58,9 @@ MAX_CLASS_WEIGHT = 50.0
 # often). Milder than torchvision's 0.5-2.0: short runs on small frames.
 SCALE_RANGE: tuple[float, float] = (0.75, 1.5)
 FLIP_PROB = 0.5
+# Colour jitter: brightness, contrast and saturation each scaled by a factor drawn uniformly
+# from [1 - JITTER, 1 + JITTER] per image (torchvision's ColorJitter(0.25, 0.25, 0.25), no hue).
+JITTER = 0.25
 # OneCycle-shaped schedule: linear warm-up from lr/25 over the first 30 % of steps, then cosine
 # to ~0 (torch.optim.lr_scheduler.OneCycleLR's defaults, without momentum cycling).
 ONECYCLE_WARMUP = 0.3
@@ -95,6 +97,8 @@ class TrainConfig:
     cpus_per_worker: int = 1
     threads: int | None = None  # torch threads per CPU worker; None: cpus_per_worker
     keep_checkpoints: int = 2  # best by val mIoU (the latest is always kept too)
+    crop: tuple[int, int] | None = None  # train on random (H, W) windows; None: whole frames
+    scale_range: tuple[float, float] = SCALE_RANGE  # of the scale-crop augmentation
 
     def __post_init__(self) -> None:
         for flag, value in (("--data", self.data), ("--storage", self.storage)):
@@ -129,6 +133,14 @@ class TrainConfig:
             raise TrainError(f"--max-failures must be >= 0 (or -1: retry forever), got {self.max_failures!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise TrainError(f"--seed must be a non-negative whole number, got {self.seed!r}")
+        if self.crop is not None:
+            if len(self.crop) != 2 or any(not isinstance(v, int) or v < 16 for v in self.crop):
+                raise TrainError(f"--crop must be HxW with both sides at least 16, got {self.crop!r}")
+            if not self.augment:
+                raise TrainError("--crop is an augmentation; it cannot be combined with --no-augment")
+        lo, hi = self.scale_range
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise TrainError(f"--scale-range must be LO,HI with 0 < LO <= HI, e.g. 0.75,1.5; got {lo:g},{hi:g}")
 
     @property
     def torch_threads(self) -> int:
@@ -222,31 +234,45 @@ def augment(
     scale_range: tuple[float, float] = SCALE_RANGE,
     flip_prob: float = FLIP_PROB,
     void_index: int = VOID_INDEX,
+    jitter: float = JITTER,
+    mean: Sequence[float] = modelio.DEFAULT_MEAN,
+    std: Sequence[float] = modelio.DEFAULT_STD,
+    crop: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal flip and random scale-crop, per image, in one resampling pass.
+    """Random colour jitter, then horizontal flip and scale-crop in one resampling pass, per image.
+
+    With ``crop = (ch, cw)`` the output is a random ch x cw window of the scaled image, at the same
+    pixel scale (a cheaper training step; validation still sees whole frames).
 
     images: (N, C, H, W) float, already normalised, so that padding with 0 is the mean colour
     (what the U-Net's own zero padding shows too). labels: (N, H, W) integer class indices.
     Each image is scaled by s in ``scale_range`` (log-uniform) around a random centre and cut
     back to (H, W): s > 1 crops a random window of the enlarged image, s < 1 places the shrunk
     image at a random position and pads the rest. Images are resampled bilinearly, labels with
-    nearest neighbour (no new class values) and padded with ``void_index``. Random numbers come
-    from ``generator`` (CPU), so results do not depend on the device. Same shapes and dtypes out.
+    nearest neighbour (no new class values) and padded with ``void_index``. Before that, with
+    ``jitter`` > 0, brightness, contrast and saturation are scaled in pixel space (``mean``/``std``
+    undo the normalisation) and clipped to [0, 1]. Random numbers come from ``generator`` (CPU),
+    so results do not depend on the device. Same shapes and dtypes out.
     """
     n, _, h, w = images.shape
+    if jitter > 0:
+        images = color_jitter(images, generator, jitter, mean, std)
     lo, hi = math.log(scale_range[0]), math.log(scale_range[1])
     scale = torch.exp(lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64))
     flip = torch.where(torch.rand(n, generator=generator) < flip_prob, -1.0, 1.0).double()
-    zoom = 1.0 / scale  # output -> input coordinates, in [-1, 1] units
-    room = (1.0 - zoom).abs()  # how far the window may move and stay inside (s>1) / on (s<1) the image
+    oh, ow = crop if crop is not None else (h, w)
+    # Output -> input coordinates, in [-1, 1] units: the window covers (ow / w) / scale of the width.
+    zoom_x, zoom_y = (ow / w) / scale, (oh / h) / scale
+    # How far the window may move and stay inside (window smaller than the image) / on it (larger).
+    room = torch.stack([(1.0 - zoom_x).abs(), (1.0 - zoom_y).abs()])
     shift = (torch.rand(2, n, generator=generator, dtype=torch.float64) * 2 - 1) * room
     theta = torch.zeros(n, 2, 3, dtype=torch.float64)
-    theta[:, 0, 0] = zoom * flip
+    theta[:, 0, 0] = zoom_x * flip
     theta[:, 0, 2] = shift[0]
-    theta[:, 1, 1] = zoom
+    theta[:, 1, 1] = zoom_y
     theta[:, 1, 2] = shift[1]
     theta = theta.to(device=images.device, dtype=images.dtype)
-    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    grid = F.affine_grid(theta, [n, 1, oh, ow], align_corners=False)
     out_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     # Labels shifted by +1 so that zero padding becomes -1, i.e. "outside", then void.
     shifted = (labels.to(images.dtype) + 1).unsqueeze(1)
@@ -254,6 +280,29 @@ def augment(
     sampled = sampled.squeeze(1).round().long() - 1
     out_labels = torch.where(sampled < 0, torch.full_like(sampled, void_index), sampled).to(labels.dtype)
     return out_images, out_labels
+
+
+def color_jitter(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    strength: float = JITTER,
+    mean: Sequence[float] = modelio.DEFAULT_MEAN,
+    std: Sequence[float] = modelio.DEFAULT_STD,
+) -> torch.Tensor:
+    """Brightness, contrast, saturation of normalised (N, 3, H, W) images, each scaled by a factor in
+    [1 - strength, 1 + strength] per image (ColorJitter's definitions), in pixel space, clipped."""
+    n = images.shape[0]
+    factors = 1.0 + (torch.rand(3, n, 1, 1, 1, generator=generator) * 2 - 1) * strength
+    factors = factors.to(device=images.device, dtype=images.dtype)
+    m = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    rgb = images * s + m
+    rgb = (rgb * factors[0]).clamp(0, 1)  # brightness
+    gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])  # ITU-R 601 luma, as PIL
+    rgb = ((rgb - gray.mean(dim=(2, 3), keepdim=True)) * factors[1] + gray.mean(dim=(2, 3), keepdim=True)).clamp(0, 1)
+    gray = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    rgb = ((rgb - gray) * factors[2] + gray).clamp(0, 1)  # saturation
+    return ((rgb - m) / s).contiguous(memory_format=torch.contiguous_format)
 
 
 def weighted_loss_sum(
@@ -311,13 +360,24 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def train_one_epoch(model, optimizer, scheduler, batches, weight, generator, augment_on: bool, device):
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    batches,
+    weight,
+    generator,
+    augment_on: bool,
+    device,
+    crop: tuple[int, int] | None = None,
+    scale_range: tuple[float, float] = SCALE_RANGE,
+):
     """One pass over this worker's shard; returns (loss sum, weight sum, images) of this worker."""
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*weight, weight, images
     for x, y in batches:
         if augment_on:
-            x, y = augment(x, y, generator)
+            x, y = augment(x, y, generator, scale_range=scale_range, crop=crop)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)  # grid_sample returns NCHW-contiguous
         with _autocast(device):
@@ -358,7 +418,8 @@ def _save_checkpoint(directory: str, state: dict, meta: dict) -> None:
 
 def _load_checkpoint(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        with open(os.path.join(d, CHECKPOINT_FILE), "rb") as f:
+            return modelio.load_tensors(f.read(), f"{checkpoint.path}/{CHECKPOINT_FILE}")
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -413,7 +474,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         generator = torch.Generator().manual_seed(_seed_for(config.seed, rank, epoch))
         batches = _batches(train_shard, spec, device, on_gpu, shuffle_seed=_seed_for(config.seed, rank, epoch, 1))
         train_totals = _all_reduce(
-            train_one_epoch(model, optimizer, scheduler, batches, weight, generator, config.augment, device)
+            train_one_epoch(
+                model, optimizer, scheduler, batches, weight, generator, config.augment, device, config.crop,
+                tuple(config.scale_range),
+            )
         )
         train_time = time.perf_counter() - t0
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
@@ -653,7 +717,7 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
     """Best checkpoint -> ``<run>/model/`` (modelio); history -> ``<run>/metrics.json``."""
     best_ckpt, _ = _best(result)
     with best_ckpt.filesystem.open_input_stream(f"{best_ckpt.path}/{CHECKPOINT_FILE}") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        state = modelio.load_tensors(f.read(), f"{best_ckpt.path}/{CHECKPOINT_FILE}")
     spec = modelio.ModelSpec(
         model=state["model_config"],
         input_height=info.height,
@@ -698,7 +762,7 @@ def train(config: TrainConfig) -> TrainResult:
     config = dataclasses.replace(config, data=storage.normalize(config.data), storage=storage.normalize(config.storage))
     info = _check_dataset(config)
     storage.check_writable(config.run_uri)
-    init_ray()
+    init_ray(gpu=config.use_gpu)
     _check_cluster(config)
 
     previous = _previous(config)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segray import infer, sources
+from segray import infer, modelio, sources
 from segray.camvid import CLASSES, NUM_CLASSES, ORIGINAL_COLORS, ORIGINAL_TO_11, PALETTE, VOID_INDEX
 from segray.model import UNetConfig, build_model
 from segray.modelio import ModelSpec
@@ -238,6 +238,37 @@ def test_config_is_checked():
         infer.InferConfig(model="m", images="i", output="o", batch_size=0)
     with pytest.raises(infer.InferError, match="num_replicas"):
         infer.InferConfig(model="m", images="i", output="o", num_replicas=-1)
+    with pytest.raises(infer.InferError, match="threads must be a positive integer, got 0"):
+        infer.InferConfig(model="m", images="i", output="o", threads=0)
+
+
+def test_cpu_threads_default_shares_the_cores_among_replicas(monkeypatch):
+    monkeypatch.setattr(infer.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert infer.cpu_threads_default(1, 1) == 8  # one replica: every core, decode interleaves
+    assert infer.cpu_threads_default(3, 1) == 2
+    assert infer.cpu_threads_default(16, 1) == 1
+    assert infer.cpu_threads_default(4, 4) == 4  # never fewer than the CPUs Ray reserved
+
+
+def test_predictor_uses_the_threads_asked_for_and_channels_last(tmp_path):
+    table, root = listing_table(tmp_path, odd_images())
+    frames = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
+    before = torch.get_num_threads()
+    try:
+        predictor = infer.Predictor("m", loader=tiny_loader(), threads=1)
+        assert torch.get_num_threads() == 1
+        out_nhwc = predictor(frames).column("pred").to_pylist()
+    finally:
+        torch.set_num_threads(before)
+    # The channels-last replica predicts what the plain NCHW model predicts.
+    model, spec = tiny_loader()("m", torch.device("cpu"))
+    h, w = spec.input_size
+    good = [i for i, st in enumerate(frames.column("stage").to_pylist()) if st is None]
+    images = np.stack([np.frombuffer(frames.column("image")[i].as_py(), np.uint8).reshape(h, w, 3) for i in good])
+    with torch.inference_mode():
+        ref = model(modelio.images_to_tensor(images.copy())).argmax(1).to(torch.uint8).numpy()
+    for k, i in enumerate(good):
+        assert np.mean(np.frombuffer(out_nhwc[i], np.uint8) == ref[k].ravel()) > 0.999
 
 
 def test_format_summary_fits_a_screen():
@@ -258,3 +289,16 @@ def test_predictor_on_gpu_agrees_with_cpu(tmp_path):
     gpu = infer.Predictor("m", use_gpu=True, loader=tiny_loader())(frames).column("pred").to_pylist()
     agree = np.mean([np.mean(np.frombuffer(a, np.uint8) == np.frombuffer(b, np.uint8)) for a, b in zip(cpu, gpu)])
     assert agree > 0.9  # bf16 autocast moves a few argmax ties, no more
+
+
+def test_replicas_must_leave_a_whole_cpu_for_decoding(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    # Half a CPU left: decode tasks (1 CPU each) would never be scheduled, the job would hang.
+    with pytest.raises(infer.InferError, match="leave less than 1 of the cluster's 1 CPUs for decoding"):
+        infer._check_resources(infer.InferConfig(model="m", images="i", output="o", cpus_per_replica=0.5))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    infer._check_resources(infer.InferConfig(model="m", images="i", output="o"))  # 1 for the replica, 1 left
+    with pytest.raises(infer.InferError, match="lower --num-replicas or --cpus-per-replica"):
+        infer._check_resources(infer.InferConfig(model="m", images="i", output="o", num_replicas=2))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from segray import modelio
 from segray.camvid import NUM_CLASSES, VOID_INDEX
 from segray.dataset import DatasetError
 from segray.train import (
@@ -19,6 +20,7 @@ from segray.train import (
     TrainError,
     _check_dataset,
     augment,
+    color_jitter,
     class_weights,
     lr_factor,
     median_frequency_weights,
@@ -49,14 +51,14 @@ def test_augment_keeps_shapes_dtypes_and_label_values():
 
 def test_augment_identity_without_scale_and_flip():
     images, labels = _batch()
-    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=0.0)
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=0.0, jitter=0.0)
     assert torch.equal(out_l, labels)
     torch.testing.assert_close(out_i, images, atol=1e-5, rtol=0)
 
 
 def test_augment_flip_only_mirrors_image_and_label():
     images, labels = _batch()
-    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=1.0)
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=1.0, jitter=0.0)
     assert torch.equal(out_l, labels.flip(-1))
     torch.testing.assert_close(out_i, images.flip(-1), atol=1e-5, rtol=0)
 
@@ -64,7 +66,7 @@ def test_augment_flip_only_mirrors_image_and_label():
 def test_augment_zoom_out_pads_with_void_and_zero():
     images, labels = _batch(n=2)
     labels[labels == VOID_INDEX] = 0  # no void in the input: any void out is padding
-    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(0.5, 0.5), flip_prob=0.0)
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(0), scale_range=(0.5, 0.5), flip_prob=0.0, jitter=0.0)
     pad = out_l == VOID_INDEX
     # Half size in each direction: three quarters of the frame is padding (up to rounding at edges).
     assert 0.6 < pad.float().mean().item() < 0.85
@@ -78,6 +80,53 @@ def test_augment_zoom_in_crops_without_padding():
     labels[labels == VOID_INDEX] = 0
     _, out_l = augment(images, labels, torch.Generator().manual_seed(1), scale_range=(1.5, 1.5), flip_prob=0.5)
     assert not (out_l == VOID_INDEX).any()
+
+
+def test_color_jitter_changes_colours_not_labels_and_stays_in_range():
+    images, labels = _batch()
+    out_i, out_l = augment(images, labels, torch.Generator().manual_seed(3), scale_range=(1.0, 1.0), flip_prob=0.0)
+    assert torch.equal(out_l, labels)
+    assert (out_i - images).abs().mean() > 1e-3  # colours moved
+    m = torch.tensor(modelio.DEFAULT_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(modelio.DEFAULT_STD).view(1, 3, 1, 1)
+    rgb = out_i * s + m
+    assert rgb.min() >= -1e-5 and rgb.max() <= 1 + 1e-5
+
+
+def test_color_jitter_strength_zero_is_identity_and_strength_moves_colours():
+    pixels = torch.rand(2, 3, 12, 20, generator=torch.Generator().manual_seed(0))  # real pixels: nothing to clip
+    images = (pixels - torch.tensor(modelio.DEFAULT_MEAN).view(1, 3, 1, 1)) / torch.tensor(modelio.DEFAULT_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(color_jitter(images, torch.Generator().manual_seed(0), 0.0), images, atol=1e-5, rtol=0)
+    g = torch.Generator().manual_seed(1)
+    out = color_jitter(images, g, 0.5)
+    assert out.shape == images.shape and not torch.allclose(out, images)
+
+
+def test_augment_crop_is_a_window_at_the_same_scale():
+    images, labels = _batch(n=3, h=16, w=32)
+    out_i, out_l = augment(
+        images, labels, torch.Generator().manual_seed(0), scale_range=(1.0, 1.0), flip_prob=0.0, jitter=0.0, crop=(8, 16)
+    )
+    assert out_i.shape == (3, 3, 8, 16) and out_l.shape == (3, 8, 16)
+    for k in range(3):
+        # Nearest neighbour at scale 1: the label window is a block of the input label.
+        assert any(
+            torch.equal(out_l[k], labels[k, dy : dy + 8, dx : dx + 16]) for dy in range(9) for dx in range(17)
+        ), f"image {k}: the crop is not a window of the label"
+    # Same pixel scale: a ramp of slope 1 per pixel keeps slope 1 inside the window.
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(32.0), indexing="ij")
+    ramp = torch.stack([xs, ys, xs + ys]).expand(2, 3, 16, 32).contiguous()
+    out, _ = augment(ramp, labels[:2], torch.Generator().manual_seed(1), scale_range=(1.0, 1.0), flip_prob=0.0,
+                     jitter=0.0, crop=(8, 16))
+    torch.testing.assert_close(out[:, 0, :, 1:] - out[:, 0, :, :-1], torch.ones(2, 8, 15), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[:, 1, 1:, :] - out[:, 1, :-1, :], torch.ones(2, 7, 16), atol=1e-4, rtol=0)
+
+
+def test_crop_flag_is_checked():
+    with pytest.raises(TrainError, match="--crop must be HxW"):
+        TrainConfig(data="d", storage="s", name="n", crop=(8, 240))
+    with pytest.raises(TrainError, match="--no-augment"):
+        TrainConfig(data="d", storage="s", name="n", crop=(128, 176), augment=False)
 
 
 def test_augment_is_reproducible_from_the_generator():
