@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DATE = "2026-11-23"
+DATE = time.strftime("%Y-%m-%d", time.gmtime())  # UTC date of the run
 BUCKET = "segray-bench"
 JSON_PREFIX = "BENCH_JSON "
 
@@ -381,6 +381,10 @@ class TreeMonitor:
         self._stop.set()
         self._thread.join(timeout=30)
         self.sample()
+        for pid in self.names:  # Ray workers retitle themselves (ray::...) after they start
+            title = cmdline(pid)
+            if title:
+                self.names[pid] = title[:120]
 
     @property
     def cpu_s(self) -> float:
@@ -584,3 +588,45 @@ def repeat(fn: Callable[[], Any], repeats: int, warmup: int = 1, max_seconds: fl
 def best_and_median(times: Sequence[Timing]) -> tuple[Timing, float]:
     best = min(times, key=lambda t: t.wall_s)
     return best, median(t.wall_s for t in times)
+
+
+def pyspy_record(match: str, seconds: int, out: Path, root: int | None = None, delay: float = 0.0,
+                 stop: threading.Event | None = None, timeout: float = 600) -> threading.Thread:
+    """In a thread: wait ``delay`` s, then py-spy the first descendant of ``root`` whose command
+    line contains ``match`` for ``seconds`` (raw collapsed stacks into ``out``)."""
+    root = root or os.getpid()
+    stop = stop or threading.Event()
+
+    def run() -> None:
+        if stop.wait(delay):
+            return
+        deadline = time.time() + timeout
+        while not stop.is_set() and time.time() < deadline:
+            for pid in descendants(root):
+                if match in cmdline(pid):
+                    subprocess.run(["py-spy", "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50",
+                                    "--format", "raw", "--output", str(out), "--nonblocking"],
+                                   capture_output=True, timeout=seconds + 60)
+                    return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def leaf_shares(path: Path, top: int = 12) -> list[tuple[str, float]]:
+    """py-spy raw (collapsed) stacks -> the share of samples per leaf function, largest first."""
+    if not path.exists():
+        return []
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1] or "<native code / waiting>"
+        leaf = re.sub(r"\s*\(.*?:\d+\)", lambda m: m.group(0).split(":")[0] + ")", leaf)
+        leaves[leaf] = leaves.get(leaf, 0) + int(count)
+        total += int(count)
+    return [(k, v / total) for k, v in sorted(leaves.items(), key=lambda kv: -kv[1])[:top]] if total else []

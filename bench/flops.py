@@ -237,8 +237,10 @@ def merge_best(rows: list[dict]) -> list[dict]:
         else:
             best[k]["cpu_s"] = min(best[k]["cpu_s"], r["cpu_s"])
             best[k]["sgemm_gflops_per_cpu_s"] = max(best[k]["sgemm_gflops_per_cpu_s"], r["sgemm_gflops_per_cpu_s"])
+    fractions = {key_of(r): r["conv_time_fraction"] for r in rows if r.get("conv_time_fraction") is not None}
     for k, r in best.items():
         r["step_s_median"] = benchlib.median(medians[k])
+        r["conv_time_fraction"] = fractions.get(k)
     return list(best.values())
 
 

@@ -25,7 +25,6 @@ Timings synchronise the device (torch.cuda.synchronize) before reading the clock
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -172,7 +171,7 @@ def measure_train(model_name: str, device, batches, seconds: float, flops_train:
             rows.append({"model": model_name, "mode": "train", "bf16": True, "channels_last": cl, "batch": batch,
                          "images_per_s": ips, "tflops": ips * flops_train / 1e12})
             print(f"  {model_name} train bf16=1 cl={int(cl)} batch {batch:3d}: {ips:8.1f} images/s", flush=True)
-        del model, opt
+        model = opt = None  # free the device memory before the next format
     return rows
 
 
@@ -303,9 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for m in models:
         if "model" in what:
-            rows += measure_model(m, device, (8, 16, 32, 64) if m == "cpu" else (4, 8, 16), args.seconds, fl[m][0])
+            batches = (2,) if args.smoke else (8, 16, 32, 64) if m == "cpu" else (4, 8, 16)
+            rows += measure_model(m, device, batches, args.seconds, fl[m][0])
         if "train" in what:
-            rows += measure_train(m, device, (8, 16, 32) if m == "cpu" else (2, 4, 8), args.seconds, fl[m][1])
+            batches = (2,) if args.smoke else (8, 16, 32) if m == "cpu" else (2, 4, 8)
+            rows += measure_train(m, device, batches, args.seconds, fl[m][1])
     for r in rows:
         if peak:
             r["pct_peak"] = 100 * r["tflops"] / peak
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         rep_rows = []
         for m in models:
             rep_rows += measure_replicas(m, device, (1, 2, 4) if not args.smoke else (1, 2),
-                                         16 if m == "cpu" else 4, args.seconds * 2)
+                                         2 if args.smoke else 16 if m == "cpu" else 4, args.seconds * 2)
         benchlib.print_table(rep_rows, title="Replicas sharing one device")
         out["replicas"] = rep_rows
     if "e2e" in what:

@@ -64,13 +64,22 @@ def synthetic_prepared(workdir: Path, size: str, train: int, val: int, address: 
     return str(dest)
 
 
-def run_ray(data: str, storage: Path, base: int, batch: int, epochs: int, address: str, extra: list[str]) -> dict:
+def run_ray(data: str, storage: Path, base: int, batch: int, epochs: int, address: str, extra: list[str],
+            profile_after: float | None = None) -> dict:
+    """``profile_after``: py-spy one DDP worker for 30 s that many seconds after the start."""
     name = f"bench-{time.time_ns()}"
     cmd = benchlib.python("jobs/train.py", "--data", data, "--storage", str(storage), "--name", name,
                           "--epochs", str(epochs), "--num-workers", "2", "--batch-size", str(batch),
                           "--base-channels", str(base), *extra)
+    spy_out = storage / f"{name}.pyspy.txt"
+    stop = __import__("threading").Event()
+    spy = benchlib.pyspy_record("RayTrainWorker", 30, spy_out, delay=profile_after, stop=stop) \
+        if profile_after is not None else None
     with benchlib.TreeMonitor(interval=1.0) as mon:
         r = benchlib.check(benchlib.run_cmd(cmd, env=benchlib.job_env(address), timeout=3600), "jobs/train.py")
+    stop.set()
+    if spy is not None:
+        spy.join(timeout=120)
     trace = storage / f"{name}.log"  # the job's output, each line with its second since the start
     trace.write_text("\n".join(f"{t:8.2f}  {line}" for t, line in r.lines) + "\n")
     history = json.loads((storage / name / "metrics.json").read_text())["history"]
@@ -84,6 +93,7 @@ def run_ray(data: str, storage: Path, base: int, batch: int, epochs: int, addres
         "epoch_s": benchlib.median(h["epoch_time_s"] for h in steady),
         "train_images": history[0]["train_images"],
         "cpu_s": mon.cpu_s, "peak_pss_mib": mon.peak_pss_mib, "trace": str(trace),
+        "cpu_by_process": mon.cpu_by_process(14), "pyspy": benchlib.leaf_shares(spy_out),
     }
 
 
@@ -121,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the 64-channel U-Net at 352x480 on a small synthetic set (12 train frames, 1 epoch)")
     p.add_argument("--workdir", default="/tmp/segray-bench")
     p.add_argument("--quick", action="store_true", help="1 repetition, variants ray,plain-b,plain-2b")
+    p.add_argument("--profile", type=float, default=None, metavar="SECONDS",
+                   help="py-spy one DDP worker for 30 s, SECONDS after the job's start (first repetition), and "
+                   "print the CPU seconds of every process of the Ray runs")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.variants = 1, "ray,plain-b,plain-2b"
@@ -139,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         rep_rows = []
         for v in variants:
             if v == "ray":
-                row = run_ray(data, storage, base, batch, epochs, address, [])
+                row = run_ray(data, storage, base, batch, epochs, address, [],
+                              args.profile if rep == 1 and tag.startswith("base") and base == args.base_channels
+                              else None)
             elif v == "plain-b":
                 row = run_plain(data, base, batch, plain_epochs, m.cores, None)
             elif v == "plain-2b":
@@ -189,6 +204,16 @@ def main(argv: list[str] | None = None) -> int:
                       "wall_s": med("wall_s")})
     benchlib.print_table(table, title="Training samples/s (medians over repetitions; ratios per repetition). "
                          "ray_vs_this = Ray's samples/s / this row's")
+    for r in rows:
+        if r.get("cpu_by_process"):
+            print(f"\nCPU seconds by process, Ray run ({r['model']} rep {r['rep']}, {r['cpu_s']:.0f} s in all; "
+                  f"{r['train_images']} train images/epoch); trace: {r['trace']}")
+            for name, seconds in r["cpu_by_process"]:
+                print(f"  {seconds:7.1f} s  {name}")
+        if r.get("pyspy"):
+            print(f"\npy-spy of one DDP worker, 30 s ({r['model']} rep {r['rep']}): share of samples per leaf")
+            for name, share in r["pyspy"]:
+                print(f"  {share * 100:5.1f}%  {name}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     benchlib.emit_json("train", {"summary": table, "runs": rows, "args": vars(args)})
     return 0
