@@ -172,7 +172,7 @@ def check_finished_run(run: str, epochs: int, output: str) -> dict:
     metrics = json.loads(storage.read_bytes(f"{run}/metrics.json"))
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, epochs + 1)), "each epoch once in the history"
     assert output.count("train: done: ") == 1, "exported once"
-    files = {storage.relative(run, f) for f in storage.list_files(f"{run}/model")}
+    files = {storage.relative(f"{run}/model", f) for f in storage.list_files(f"{run}/model")}
     assert files == {"model.pt", "config.json"}
     from segray import modelio
 
