@@ -31,6 +31,7 @@ machine's load; ratios are per repetition, and the table shows their median.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict] = []
     t_start = time.perf_counter()
 
-    with benchlib.moto_s3() if "s3" in what else _null() as _:
+    with benchlib.moto_s3() if "s3" in what else contextlib.nullcontext() as _:
         inp = Inputs(workdir, s3="s3" in what)
         with benchlib.local_ray(cores) as address:
             if "local" in what:
@@ -480,14 +481,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     benchlib.emit_json("infer", {"summary": table, "runs": results, "args": vars(args)})
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

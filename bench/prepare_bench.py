@@ -21,6 +21,7 @@ Sources: local files (the page cache holds them after the first pass) and a moto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {m.describe()}; load average {os.getloadavg()}", flush=True)
     rows: list[dict] = []
     t_start = time.perf_counter()
-    with benchlib.moto_s3() if "s3" in where else _null():
+    with benchlib.moto_s3() if "s3" in where else contextlib.nullcontext():
         sources = {"local": args.source}
         if "s3" in where:
             sources["s3"] = f"s3://{benchlib.BUCKET}/camvid"
@@ -185,14 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     benchlib.emit_json("prepare", {"summary": table, "runs": rows, "args": vars(args)})
     return 0
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -298,9 +298,10 @@ def color_jitter(
     s = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     rgb = images * s + m
     rgb = (rgb * factors[0]).clamp(0, 1)  # brightness
-    gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])  # ITU-R 601 luma, as PIL
-    rgb = ((rgb - gray.mean(dim=(2, 3), keepdim=True)) * factors[1] + gray.mean(dim=(2, 3), keepdim=True)).clamp(0, 1)
-    gray = 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+    luma = torch.tensor((0.299, 0.587, 0.114), device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # as PIL
+    mean_gray = (rgb * luma).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    rgb = ((rgb - mean_gray) * factors[1] + mean_gray).clamp(0, 1)  # contrast
+    gray = (rgb * luma).sum(dim=1, keepdim=True)
     rgb = ((rgb - gray) * factors[2] + gray).clamp(0, 1)  # saturation
     return ((rgb - m) / s).contiguous(memory_format=torch.contiguous_format)
 
