@@ -374,8 +374,8 @@ def cpu_threads_default(num_replicas: int, reserved: int) -> int:
 
     Deliberately more than the reservation: the decode/encode tasks that share the node run in
     short bursts between model batches, and a replica held to its one reserved CPU left the
-    other cores idle while it computed (docs/benchmarks.md: 1 thread 11 frames/s, 2 threads 18
-    on 2 cores). The OS interleaves the two; the model is most of the work per frame."""
+    other cores idle while it computed (docs/benchmarks.md, 2 cores: 14.8 steady frames/s with
+    1 thread, 28.3 with 2). The OS interleaves the two; the model is most of the work per frame."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, reserved, cores // max(1, num_replicas))
 
