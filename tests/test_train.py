@@ -168,8 +168,16 @@ def test_median_frequency_weights_reject_bad_counts():
 def test_class_weights_none_and_unknown():
     assert class_weights("none", [1, 2, 3]) is None
     assert class_weights("median_freq", [1, 1]).tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError, match="median_freq, none"):
+    with pytest.raises(ValueError, match="median_freq, sqrt_median_freq, none"):
         class_weights("inverse", [1, 2])
+
+
+def test_sqrt_median_frequency_weights_by_hand():
+    # median-frequency 2.5, 1.25, 0.8333, 0.625 -> square roots; the cap applies before the root.
+    w = class_weights("sqrt_median_freq", [10, 20, 30, 40])
+    np.testing.assert_allclose(w, np.sqrt([2.5, 1.25, 0.25 / 0.3, 0.625]), rtol=1e-6)
+    assert w.dtype == np.float32
+    assert class_weights("sqrt_median_freq", [1, 10**6, 10**6])[0] == pytest.approx(MAX_CLASS_WEIGHT ** 0.5)
 
 
 def test_class_weights_on_camvid_counts_look_like_segnet():
@@ -225,7 +233,7 @@ def _config(**kw):
         ({"lr": float("nan")}, "--lr"),
         ({"weight_decay": -0.1}, "--weight-decay"),
         ({"lr_schedule": "step"}, "valid: constant, cosine, onecycle"),
-        ({"class_weighting": "inverse"}, "valid: median_freq, none"),
+        ({"class_weighting": "inverse"}, "valid: median_freq, sqrt_median_freq, none"),
         ({"name": "a/b"}, "--name"),
         ({"name": ""}, "--name"),
         ({"data": ""}, "--data"),
@@ -240,7 +248,7 @@ def test_config_rejects_bad_values(kw, match):
 
 def test_config_defaults_and_derived_values():
     c = _config()
-    assert c.lr == 1e-3 and c.lr_schedule == "constant" and c.class_weighting == "median_freq" and c.augment
+    assert c.lr == 1e-3 and c.lr_schedule == "constant" and c.class_weighting == "sqrt_median_freq" and c.augment
     assert c.torch_threads == 1 and _config(cpus_per_worker=3).torch_threads == 3
     assert _config(threads=2).torch_threads == 2
     assert c.run_uri == "/tmp/s/run"
