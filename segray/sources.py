@@ -43,6 +43,8 @@ from segray import storage
 from segray.layout import IMAGE_EXTENSIONS, is_image
 
 ARCHIVE_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+# Bytes per read from storage while streaming an archive (one ranged GET on S3).
+ARCHIVE_READ_BUFFER = 8 * 2**20
 LABEL_EXTENSION = ".png"
 COLOR_LABEL_SUFFIX = "_L"  # original CamVid: NAME_L.png is the colour-coded label of NAME.png
 
@@ -250,8 +252,10 @@ def iter_archive(archive_uri: str, skip: frozenset[str] | set[str] = frozenset()
     fs, path = storage.resolve(archive_uri)
     size = fs.get_file_info(path).size
     # "r|*": sequential reading (no seeks: one pass over an object-store stream) of a plain or
-    # compressed tar.
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+    # compressed tar. Buffered: tarfile reads 512 bytes to 10 KiB at a time, and every read of
+    # a bare S3 stream is a GET of its own (218 ms a 300 KB frame in moto, docs/benchmarks.md).
+    with fs.open_input_stream(path, buffer_size=ARCHIVE_READ_BUFFER) as stream, \
+            tarfile.open(fileobj=stream, mode="r|*") as tar:
         yield from _members(tar, archive_uri, skip)
         # tarfile takes an archive cut inside a member header for its end; in a plain tar that
         # shows as a few bytes left past the last header it read.
