@@ -67,6 +67,12 @@ ONECYCLE_WARMUP = 0.3
 ONECYCLE_START = 1 / 25
 SHUFFLE_BUFFER_ROWS = 256  # rows held per worker to shuffle its shard locally, every epoch
 BLOCK_BYTES = 32 * 1024 * 1024  # Ray Data block size of the training data in the object store
+# A worker whose train + val shards fit in this many bytes (decoded uint8) keeps them in memory
+# after the first epoch and shuffles them itself: every later epoch then skips Ray Data's split
+# (its start-up, object transfers and shuffle buffer), which left the DDP workers idle 15 % of
+# the time on a 2-core machine (docs/benchmarks.md). CamVid at 176x240: ~40 MB a worker.
+# SEGRAY_SHARD_CACHE_BYTES in the driver's environment overrides it (0: stream every epoch).
+CACHE_SHARD_MAX_BYTES = 1024**3
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -168,6 +174,7 @@ class LoopSpec:
     train_rows: int
     classes: tuple[str, ...]
     class_weights: tuple[float, ...] | None  # None: unweighted cross-entropy
+    cache_shards: bool = False  # workers keep their shards in memory after epoch 1 (CACHE_SHARD_MAX_BYTES)
 
 
 @dataclass(frozen=True)
@@ -353,6 +360,36 @@ def _batches(shard, spec: LoopSpec, device: torch.device, channels_last: bool, s
         yield x, y
 
 
+def read_shard(shard, spec: LoopSpec) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's whole shard, in memory: images (N, H, W, 3) and labels (N, H, W) uint8."""
+    images, labels = [], []
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        x, y = rows_to_arrays(batch, spec.height, spec.width)
+        images.append(x.copy())
+        labels.append(y.copy())
+    if not images:
+        return np.zeros((0, spec.height, spec.width, 3), np.uint8), np.zeros((0, spec.height, spec.width), np.uint8)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def array_batches(arrays: tuple[np.ndarray, np.ndarray], batch_size: int, order: np.ndarray, device: torch.device,
+                  channels_last: bool):
+    """Batches of an in-memory shard in ``order``, as :func:`_batches` yields them."""
+    images, labels = arrays
+    for k in range(0, len(order), batch_size):
+        idx = np.sort(order[k : k + batch_size])  # sorted: the same rows, faster gathers
+        x = modelio.images_to_tensor(images[idx], device=device, channels_last=channels_last)
+        y = torch.from_numpy(labels[idx]).to(device, non_blocking=True).long()
+        yield x, y
+
+
+def shard_cache_fits(train_rows: int, val_rows: int, num_workers: int, height: int, width: int) -> bool:
+    """Whether one worker's train + val shards (uint8 image + label) fit CACHE_SHARD_MAX_BYTES."""
+    rows = -(-train_rows // num_workers) + -(-val_rows // num_workers)
+    limit = int(os.environ.get("SEGRAY_SHARD_CACHE_BYTES", CACHE_SHARD_MAX_BYTES))
+    return rows * height * width * 4 <= limit
+
+
 def _autocast(device: torch.device):
     # bf16 on GPU: the speed of fp16 without loss scaling; CPU autocast is slower for convs.
     return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -475,10 +512,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
+    cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(_seed_for(config.seed, rank, epoch))
-        batches = _batches(train_shard, spec, device, on_gpu, shuffle_seed=_seed_for(config.seed, rank, epoch, 1))
+        if spec.cache_shards:
+            if TRAIN_SPLIT not in cached:
+                cached[TRAIN_SPLIT] = read_shard(train_shard, spec)
+            order = np.random.default_rng(_seed_for(config.seed, rank, epoch, 1)).permutation(len(cached[TRAIN_SPLIT][0]))
+            batches = array_batches(cached[TRAIN_SPLIT], config.batch_size, order, device, on_gpu)
+        else:
+            batches = _batches(train_shard, spec, device, on_gpu, shuffle_seed=_seed_for(config.seed, rank, epoch, 1))
         train_totals = _all_reduce(
             train_one_epoch(
                 model, optimizer, scheduler, batches, weight, generator, config.augment, device, config.crop,
@@ -487,7 +531,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         train_time = time.perf_counter() - t0
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
-        cm, val_loss = evaluate(net, _batches(val_shard, spec, device, on_gpu, None), weight, device)
+        if spec.cache_shards:
+            if VAL_SPLIT not in cached:
+                cached[VAL_SPLIT] = read_shard(val_shard, spec)
+            val_batches = array_batches(cached[VAL_SPLIT], config.batch_size, np.arange(len(cached[VAL_SPLIT][0])),
+                                        device, on_gpu)
+        else:
+            val_batches = _batches(val_shard, spec, device, on_gpu, None)
+        cm, val_loss = evaluate(net, val_batches, weight, device)
         # Counts and sums from every worker first; ratios only after (metrics.py).
         cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
         epoch_time = time.perf_counter() - t0
@@ -796,6 +847,8 @@ def train(config: TrainConfig) -> TrainResult:
             train_rows=info.splits[TRAIN_SPLIT],
             classes=tuple(info.classes),
             class_weights=None if weights is None else tuple(float(w) for w in weights),
+            cache_shards=shard_cache_fits(info.splits[TRAIN_SPLIT], info.splits[VAL_SPLIT], config.num_workers,
+                                          info.height, info.width),
         )
         result = _fit(config, spec)
     out = export(config, info, result, start, done_before=done)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from segray import modelio
+from segray import modelio, train
 from segray.camvid import NUM_CLASSES, VOID_INDEX
 from segray.dataset import DatasetError
 from segray.train import (
@@ -304,3 +304,33 @@ def test_summary_numbers_are_json_safe():
     from segray.train import _jsonable
 
     assert _jsonable({"a": [1.0, float("nan")], "b": {"c": math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
+
+
+# ------------------------------------------------------------------------ in-memory shards
+
+
+def test_array_batches_cover_the_shard_in_order_and_match_the_streamed_format():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (7, 4, 6, 3), dtype=np.uint8)
+    labels = rng.integers(0, 12, (7, 4, 6), dtype=np.uint8)
+    order = rng.permutation(7)
+    batches = list(train.array_batches((images, labels), 3, order, torch.device("cpu"), False))
+    assert [len(x) for x, _ in batches] == [3, 3, 1]
+    seen = np.concatenate([y.numpy() for _, y in batches])
+    # Each batch holds the rows of its slice of ``order`` (sorted inside the batch).
+    expected = np.concatenate([labels[np.sort(order[k:k + 3])] for k in range(0, 7, 3)])
+    np.testing.assert_array_equal(seen, expected)
+    x, y = batches[0]
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 4, 6) and y.dtype == torch.int64
+    np.testing.assert_allclose(x.numpy(), modelio.images_to_tensor(images[np.sort(order[:3])]).numpy())
+
+
+def test_shard_cache_fits_by_bytes_and_env(monkeypatch):
+    # 100 train + 10 val rows over 2 workers: 50 + 5 rows of 4 bytes a pixel.
+    assert train.shard_cache_fits(100, 10, 2, 176, 240)
+    monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", str(55 * 176 * 240 * 4))
+    assert train.shard_cache_fits(100, 10, 2, 176, 240)
+    monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", str(55 * 176 * 240 * 4 - 1))
+    assert not train.shard_cache_fits(100, 10, 2, 176, 240)
+    monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", "0")
+    assert not train.shard_cache_fits(1, 1, 1, 1, 1)
