@@ -342,6 +342,7 @@ class TreeMonitor:
         self._cpu_first: dict[int, float] = {}
         self._cpu_last: dict[int, float] = {}
         self.names: dict[int, str] = {}
+        self._series: dict[int, list[tuple[float, float]]] = {}  # pid -> (t, CPU seconds) samples
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._t0 = time.perf_counter()
@@ -355,6 +356,7 @@ class TreeMonitor:
             rss, pss = rss + r, pss + p
             c = cpu_seconds(pid)
             if c is not None:
+                self._series.setdefault(pid, []).append((time.perf_counter() - self._t0, c))
                 # A process first seen after the start began at 0 CPU seconds.
                 self._cpu_first.setdefault(pid, c if not self._started else 0.0)
                 self._cpu_last[pid] = c
@@ -392,6 +394,17 @@ class TreeMonitor:
 
     def cpu_by_process(self, top: int = 8) -> list[tuple[str, float]]:
         used = {p: self._cpu_last[p] - self._cpu_first.get(p, 0.0) for p in self._cpu_last}
+        return [(self.names.get(p, str(p)), s) for p, s in sorted(used.items(), key=lambda kv: -kv[1])[:top]]
+
+    def cpu_between(self, t0: float, t1: float, top: int = 8) -> list[tuple[str, float]]:
+        """CPU seconds of each process between ``t0`` and ``t1`` (seconds since __enter__, to the
+        nearest samples), largest first: the steady state of a run, without its start-up."""
+        used = {}
+        for pid, series in self._series.items():
+            before = [c for t, c in series if t <= t0]
+            inside = [c for t, c in series if t <= t1]
+            if inside:
+                used[pid] = inside[-1] - (before[-1] if before else 0.0)
         return [(self.names.get(p, str(p)), s) for p, s in sorted(used.items(), key=lambda kv: -kv[1])[:top]]
 
     @property

@@ -139,9 +139,10 @@ def run_one(kind: str, job: dict, cores: list[int] | None = None) -> dict:
 class Inputs:
     """Models and frames below ``workdir`` (local) and in the moto bucket (s3), made once."""
 
-    def __init__(self, workdir: Path, s3: bool) -> None:
+    def __init__(self, workdir: Path, s3: bool, per_archive: int = PER_ARCHIVE) -> None:
         self.workdir = workdir
         self.s3 = s3
+        self.per_archive = per_archive
 
     def model(self, name: str) -> str:
         path = self.workdir / "models" / name
@@ -152,13 +153,13 @@ class Inputs:
 
     def frames(self, kind: str, n: int, where: str = "local") -> str:
         """Prefix of ``n`` frames: kind files or tar; where local or s3."""
-        name = f"{kind}-{n}"
+        name = f"{kind}-{n}" if kind != "tar" or self.per_archive == PER_ARCHIVE else f"tar{self.per_archive}-{n}"
         local = self.workdir / "frames" / name
         marker = local.parent / f".{name}.complete"  # outside: every file below `local` is an input
         if not marker.exists():
             shutil.rmtree(local, ignore_errors=True)
             t0 = time.perf_counter()
-            nbytes = benchlib.write_frames(str(local), n, FRAME_SIZE, per_archive=PER_ARCHIVE if kind == "tar" else 0)
+            nbytes = benchlib.write_frames(str(local), n, FRAME_SIZE, per_archive=self.per_archive if kind == "tar" else 0)
             marker.write_text("")
             print(f"  wrote {n} frames ({kind}, {nbytes / 2**20:.0f} MiB) to {local} in {time.perf_counter() - t0:.0f} s",
                   flush=True)
@@ -350,6 +351,22 @@ def scenario_memory(inp: Inputs, sizes: list[int], address: str, results: list[d
               f"(idle cluster {row['base_pss_mib']:.0f} MiB), peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
 
 
+def scenario_archive(inp: Inputs, n: int, cores: int, results: list[dict]) -> None:
+    """``n`` frames as one .tar archive vs as files, the tiny model (decoding sets the pace), on a
+    cluster that offers 2 logical CPUs per core: room for several decode tasks beside the replica,
+    as on a many-core node. A single archive used to be decoded by its one read task."""
+    model = inp.model("tiny")
+    sources = (("files", inp.frames("files", n)), ("one archive", Inputs(inp.workdir, False, per_archive=n).frames("tar", n)))
+    with benchlib.local_ray(2 * cores) as address:
+        for source, images in sources:
+            row = run_e2e("ray", images, inp.output(f"archive-{source.replace(' ', '-')}", "local"), model, address,
+                          None, 2)
+            row.update(model="tiny", source=f"local {source}", scenario="archive", cores=cores)
+            results.append(row)
+            print(f"  [archive scenario, {source}] {row['fps']:.1f} frames/s, {row['cpu_s_per_frame'] * 1000:.0f} "
+                  f"CPU-ms/frame", flush=True)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -382,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="local,s3,paper,scaling,memory",
                    help="scenarios: local (files + tar), s3 (files + tar in moto), paper (64-channel model at "
-                   "352x480, local files), scaling (1 vs 2 cores), memory (1k vs 4k frames)")
+                   "352x480, local files), scaling (1 vs 2 cores), memory (1k vs 4k frames), archive (one big .tar vs files, "
+                   "tiny model; not in the default)")
     p.add_argument("--frames", type=int, default=300, help="frames of the big run, CPU-default model (default 300)")
+    p.add_argument("--per-archive", type=int, default=PER_ARCHIVE,
+                   help=f"frames per .tar archive of the tar inputs (default {PER_ARCHIVE}; the frame count: one archive)")
     p.add_argument("--small-frames", type=int, default=50,
                    help="frames of the small run: steady frames/s = (big - small) / (its seconds - small's) (default 50)")
     p.add_argument("--paper-frames", type=int, default=32, help="frames of the big run, paper model (default 32)")
@@ -426,10 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
 
     with benchlib.moto_s3() if "s3" in what else contextlib.nullcontext() as _:
-        inp = Inputs(workdir, s3="s3" in what)
+        inp = Inputs(workdir, s3="s3" in what, per_archive=args.per_archive)
         with benchlib.local_ray(cores) as address:
             if "local" in what:
-                print(f"== local disk: {args.frames} frames, files and tar archives of {PER_ARCHIVE}", flush=True)
+                print(f"== local disk: {args.frames} frames, files and tar archives of {args.per_archive}", flush=True)
                 scenario_throughput(inp, [("files", "local"), ("tar", "local")], "cpu", args.frames,
                                     args.small_frames, variants, args.repeats, cores, address, results, profile_dir)
             if "s3" in what:
@@ -447,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
                 sizes = [int(s) for s in args.memory_frames.split(",")]
                 print(f"== memory: {sizes} frames, tiny model, local files", flush=True)
                 scenario_memory(inp, sizes, address, results)
+        if "archive" in what:
+            print(f"== archive: {args.frames} frames as one .tar vs files, tiny model, {2 * cores} logical CPUs",
+                  flush=True)
+            scenario_archive(inp, args.frames, cores, results)
         if "scaling" in what:
             print(f"== scaling: 1 and 2 cores, {min(args.frames, 200)} frames", flush=True)
             scenario_scaling(inp, min(args.frames, 200), args.small_frames, results, 1)

@@ -84,6 +84,9 @@ def run_ray(data: str, storage: Path, base: int, batch: int, epochs: int, addres
     trace.write_text("\n".join(f"{t:8.2f}  {line}" for t, line in r.lines) + "\n")
     history = json.loads((storage / name / "metrics.json").read_text())["history"]
     first = r.first(r"train: epoch 1/")
+    last = r.first(rf"train: epoch {epochs}/")
+    # CPU by process over epochs 2..N only (start-up and the first epoch left out).
+    steady_cpu = mon.cpu_between(first[0], last[0], 16) if first and last and epochs > 1 else []
     startup = first[0] - history[0]["epoch_time_s"] if first else float("nan")
     steady = history[1:] or history
     return {
@@ -94,19 +97,22 @@ def run_ray(data: str, storage: Path, base: int, batch: int, epochs: int, addres
         "train_images": history[0]["train_images"],
         "cpu_s": mon.cpu_s, "peak_pss_mib": mon.peak_pss_mib, "trace": str(trace),
         "cpu_by_process": mon.cpu_by_process(14), "pyspy": benchlib.leaf_shares(spy_out),
+        "steady_window_s": last[0] - first[0] if first and last else None, "steady_cpu_by_process": steady_cpu,
     }
 
 
-def run_plain(data: str, base: int, batch: int, epochs: int, threads: int, cores: list[int] | None) -> dict:
+def run_plain(data: str, base: int, batch: int, epochs: int, threads: int, cores: list[int] | None,
+              extra: tuple[str, ...] = ()) -> dict:
     cmd = [*benchlib.taskset(cores), *benchlib.python("bench/train_plain.py", "--data", data, "--base-channels",
                                                        str(base), "--batch-size", str(batch), "--epochs", str(epochs),
-                                                       "--threads", str(threads))]
+                                                       "--threads", str(threads), *extra)]
     cpu0 = benchlib.children_cpu_s()
     r = benchlib.check(benchlib.run_cmd(cmd, env=benchlib.malloc_env("thresholds"), timeout=3600), "train_plain.py")
     epochs_seen = [(t, m) for t, line in r.lines if (m := PLAIN_EPOCH.search(line))]
     t1, m1 = epochs_seen[0]
     return {
-        "variant": f"plain-{threads}thr", "batch": batch, "global_batch": batch, "wall_s": r.wall_s,
+        "variant": f"plain-{threads}thr", "batch": batch,
+        "global_batch": batch * (int(extra[extra.index("--world") + 1]) if "--world" in extra else 1), "wall_s": r.wall_s,
         "startup_s": t1 - float(m1.group(4)),
         "epoch1_ips": float(m1.group(3)),
         "ips": benchlib.median(float(m.group(3)) for _, m in epochs_seen[1:] or epochs_seen),
@@ -126,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default="ray,plain-b,plain-2b,plain-1thr",
                    help="ray; plain-b (batch B, 2 threads); plain-2b (batch 2B = DDP's global batch); "
-                   "plain-1thr (batch B, 1 thread pinned to one core)")
+                   "plain-1thr (batch B, 1 thread pinned to one core); plain-ddp (2 DDP processes over gloo x "
+                   "1 thread, batch B each, no Ray); plain-ddp-pin (the same, each pinned to its own core)")
     p.add_argument("--paper", action="store_true",
                    help="also the 64-channel U-Net at 352x480 on a small synthetic set (12 train frames, 1 epoch)")
     p.add_argument("--workdir", default="/tmp/segray-bench")
@@ -161,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_plain(data, base, 2 * batch, plain_epochs, m.cores, None)
             elif v == "plain-1thr":
                 row = run_plain(data, base, batch, plain_epochs, 1, [0])
+            elif v == "plain-ddp":
+                row = run_plain(data, base, batch, plain_epochs, 1, None, ("--world", "2"))
+            elif v == "plain-ddp-pin":
+                row = run_plain(data, base, batch, plain_epochs, 1, None, ("--world", "2", "--pin"))
             else:
                 raise SystemExit(f"unknown variant {v}")
             row.update(rep=rep, model=tag, label=v)
@@ -210,6 +221,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['train_images']} train images/epoch); trace: {r['trace']}")
             for name, seconds in r["cpu_by_process"]:
                 print(f"  {seconds:7.1f} s  {name}")
+        if r.get("steady_cpu_by_process"):
+            total = sum(s for _, s in r["steady_cpu_by_process"])
+            print(f"\nCPU seconds by process over epochs 2..{args.epochs} only ({r['steady_window_s']:.0f} s wall, "
+                  f"{total:.0f} CPU-s of the top 16 processes; the machine has {m.cores} cores):")
+            for name, seconds in r["steady_cpu_by_process"]:
+                print(f"  {seconds:7.1f} s  {seconds / r['steady_window_s'] * 100:5.1f}% of a core  {name}")
         if r.get("pyspy"):
             print(f"\npy-spy of one DDP worker, 30 s ({r['model']} rep {r['rep']}): share of samples per leaf")
             for name, share in r["pyspy"]:
