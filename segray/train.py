@@ -69,8 +69,8 @@ SHUFFLE_BUFFER_ROWS = 256  # rows held per worker to shuffle its shard locally, 
 BLOCK_BYTES = 32 * 1024 * 1024  # Ray Data block size of the training data in the object store
 # A worker whose train + val shards fit in this many bytes (decoded uint8) keeps them in memory
 # after the first epoch and shuffles them itself: every later epoch then skips Ray Data's split
-# (its start-up, object transfers and shuffle buffer), which left the DDP workers idle 15 % of
-# the time on a 2-core machine (docs/benchmarks.md). CamVid at 176x240: ~40 MB a worker.
+# (its start-up, object transfers and shuffle buffer): +3 % images/s on a 2-core machine, and
+# validation starts at once (docs/benchmarks.md). CamVid at 176x240: ~40 MB a worker.
 # SEGRAY_SHARD_CACHE_BYTES in the driver's environment overrides it (0: stream every epoch).
 CACHE_SHARD_MAX_BYTES = 1024**3
 
@@ -513,16 +513,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
     cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def batches_of(split: str, shard, shuffle_seed: int | None):
+        """One pass over this worker's ``split``: from memory when shards are cached (read in full
+        on first use, reshuffled with ``shuffle_seed``), else streamed through Ray Data."""
+        if not spec.cache_shards:
+            return _batches(shard, spec, device, on_gpu, shuffle_seed)
+        if split not in cached:
+            cached[split] = read_shard(shard, spec)
+        rows = len(cached[split][0])
+        order = np.arange(rows) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(rows)
+        return array_batches(cached[split], config.batch_size, order, device, on_gpu)
+
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(_seed_for(config.seed, rank, epoch))
-        if spec.cache_shards:
-            if TRAIN_SPLIT not in cached:
-                cached[TRAIN_SPLIT] = read_shard(train_shard, spec)
-            order = np.random.default_rng(_seed_for(config.seed, rank, epoch, 1)).permutation(len(cached[TRAIN_SPLIT][0]))
-            batches = array_batches(cached[TRAIN_SPLIT], config.batch_size, order, device, on_gpu)
-        else:
-            batches = _batches(train_shard, spec, device, on_gpu, shuffle_seed=_seed_for(config.seed, rank, epoch, 1))
+        batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(config.seed, rank, epoch, 1))
         train_totals = _all_reduce(
             train_one_epoch(
                 model, optimizer, scheduler, batches, weight, generator, config.augment, device, config.crop,
@@ -531,14 +537,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         train_time = time.perf_counter() - t0
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
-        if spec.cache_shards:
-            if VAL_SPLIT not in cached:
-                cached[VAL_SPLIT] = read_shard(val_shard, spec)
-            val_batches = array_batches(cached[VAL_SPLIT], config.batch_size, np.arange(len(cached[VAL_SPLIT][0])),
-                                        device, on_gpu)
-        else:
-            val_batches = _batches(val_shard, spec, device, on_gpu, None)
-        cm, val_loss = evaluate(net, val_batches, weight, device)
+        cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device)
         # Counts and sums from every worker first; ratios only after (metrics.py).
         cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
         epoch_time = time.perf_counter() - t0
