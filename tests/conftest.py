@@ -8,10 +8,12 @@ as subprocesses that connect to it through RAY_ADDRESS, exactly as a user runs t
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 import uuid
 from pathlib import Path
 
@@ -19,6 +21,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "segray-test"
+
+
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """A plain tar archive of ``members`` (name -> bytes), in memory."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def free_port() -> int:

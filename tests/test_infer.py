@@ -2,12 +2,12 @@
 
 import io
 import os
-import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import tar_bytes
 import torch
 from PIL import Image
 
@@ -49,16 +49,6 @@ def odd_images(h: int = 20, w: int = 30) -> dict[str, bytes]:
 def bad_images() -> dict[str, bytes]:
     good = png(np.zeros((20, 30, 3), np.uint8))
     return {"zero.png": b"", "text.png": b"this is not a png\n" * 10, "truncated.png": good[: len(good) // 2]}
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def tiny_loader(calls: list | None = None):

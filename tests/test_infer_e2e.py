@@ -8,7 +8,6 @@ a .txt), tar archives paired by either rule, a broken archive; labels as index a
 from __future__ import annotations
 
 import io
-import tarfile
 import uuid
 
 import numpy as np
@@ -23,7 +22,7 @@ from segray.model import UNetConfig, build_model
 from segray.modelio import ModelSpec, save_model
 from segray.synthetic import render_scene
 
-from conftest import BUCKET
+from conftest import BUCKET, tar_bytes
 
 MODEL_SIZE = (32, 48)
 
@@ -31,16 +30,6 @@ MODEL_SIZE = (32, 48)
 def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def tar_bytes(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import tarfile
 import uuid
 
 import numpy as np
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import BUCKET
+from conftest import BUCKET, tar_bytes
 from faultproxy import FAULTS, FaultProxy
 
 from segray import storage
@@ -185,14 +184,8 @@ def test_an_s3_archive_is_streamed_in_a_few_big_reads(s3_server, monkeypatch):
 
     rng = np.random.default_rng(0)
     frames = {f"f/{k:02d}.bin": rng.integers(0, 255, 100_000, dtype=np.uint8).tobytes() for k in range(40)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in frames.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
     uri = f"s3://{BUCKET}/archives-{uuid.uuid4().hex[:8]}/a.tar"
-    storage.write_bytes(uri, buf.getvalue())  # 4 MB
+    storage.write_bytes(uri, tar_bytes(frames))  # 4 MB
     with FaultProxy(s3_server["AWS_ENDPOINT_URL"], rate=0.0) as p:
         monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
         members = {m.path: m.data for m in sources.iter_archive(uri)}
