@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                    "plain-1thr (batch B, 1 thread pinned to one core); plain-ddp (2 DDP processes over gloo x "
                    "1 thread, batch B each, no Ray); plain-ddp-pin (the same, each pinned to its own core)")
     p.add_argument("--paper", action="store_true",
-                   help="also the 64-channel U-Net at 352x480 on a small synthetic set (12 train frames, 1 epoch)")
+                   help="also the 64-channel U-Net at 352x480 on a small synthetic set (12 train frames; --paper-epochs)")
+    p.add_argument("--paper-epochs", type=int, default=2,
+                   help="Ray job epochs of the paper model; the last is its steady state (default 2)")
     p.add_argument("--workdir", default="/tmp/segray-bench")
     p.add_argument("--quick", action="store_true", help="1 repetition, variants ray,plain-b,plain-2b")
     p.add_argument("--profile", type=float, default=None, metavar="SECONDS",
@@ -198,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.paper:
             data64 = synthetic_prepared(workdir, "352x480", 12, 2, address)
             saved = variants
-            variants = [v for v in saved if v in ("ray", "plain-b", "plain-2b")]
-            one_repetition(data64, 64, 2, 1, 1, 1, "base64-352x480", address)
+            variants = [v for v in saved if v in ("ray", "plain-b", "plain-2b", "plain-ddp")]
+            one_repetition(data64, 64, 2, args.paper_epochs, 1, 1, "base64-352x480", address)
             variants = saved
 
     groups: dict[tuple, list[dict]] = {}
