@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paper", action="store_true",
                    help="also the 64-channel U-Net at 352x480 on a small synthetic set (12 train frames; --paper-epochs)")
     p.add_argument("--paper-epochs", type=int, default=2,
-                   help="Ray job epochs of the paper model; the last is its steady state (default 2)")
+                   help="epochs of the paper model, Ray job and plain loops; epochs 2+ are the steady state (default 2)")
     p.add_argument("--workdir", default="/tmp/segray-bench")
     p.add_argument("--quick", action="store_true", help="1 repetition, variants ray,plain-b,plain-2b")
     p.add_argument("--profile", type=float, default=None, metavar="SECONDS",
@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown variant {v}")
             row.update(rep=rep, model=tag, label=v)
             rep_rows.append(row)
-            print(f"  [{tag} rep {rep}] {v:10s} batch {row['batch']:2d}: {row['ips']:.2f} images/s "
-                  f"(epoch 1 {row['epoch1_ips']:.2f}), start-up {row['startup_s']:.1f} s, wall {row['wall_s']:.0f} s",
+            print(f"  [{tag} rep {rep}] {v:10s} batch {row['batch']:2d}: {row['ips']:.4g} images/s "
+                  f"(epoch 1 {row['epoch1_ips']:.4g}), start-up {row['startup_s']:.1f} s, wall {row['wall_s']:.0f} s",
                   flush=True)
         ray_row = next((r for r in rep_rows if r["label"] == "ray"), None)
         plains = [r for r in rep_rows if r["label"] in ("plain-b", "plain-2b")]
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             data64 = synthetic_prepared(workdir, "352x480", 12, 2, address)
             saved = variants
             variants = [v for v in saved if v in ("ray", "plain-b", "plain-2b", "plain-ddp")]
-            one_repetition(data64, 64, 2, args.paper_epochs, 1, 1, "base64-352x480", address)
+            one_repetition(data64, 64, 2, args.paper_epochs, args.paper_epochs, 1, "base64-352x480", address)
             variants = saved
 
     groups: dict[tuple, list[dict]] = {}

@@ -102,7 +102,7 @@ def run(rank: int, args: argparse.Namespace) -> None:
             print(
                 f"plain: epoch {epoch}/{args.epochs}  train_loss {total / max(denom_total, 1e-12):.4f}  "
                 f"val_loss {val_loss[0].item() / max(val_loss[1].item(), 1e-12):.4f}  val_mIoU {s['miou']:.4f}  "
-                f"pixel_acc {s['pixel_accuracy']:.4f}  train {train_s:.1f} s ({images / train_s:.1f} images/s, "
+                f"pixel_acc {s['pixel_accuracy']:.4f}  train {train_s:.1f} s ({images / train_s:.4g} images/s, "
                 f"{math.ceil(len(order) / args.batch_size)} steps)  epoch {epoch_s:.1f} s",
                 flush=True,
             )
