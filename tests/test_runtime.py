@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from segray import runtime
 
@@ -42,7 +45,6 @@ def test_variables_already_in_a_submitted_jobs_runtime_env_are_not_repeated(monk
     assert "AWS_REGION" not in env and "MALLOC_MMAP_THRESHOLD_" not in env
 
 
-
 _STEP_IN_A_THREAD = r"""
 import resource, threading
 import torch
@@ -66,23 +68,22 @@ print(out[0])
 """
 
 
-def test_cpu_workers_keep_a_threads_activations_mapped():
+def test_cpu_workers_keep_a_threads_activations_mapped(monkeypatch):
     """The page faults of the second training step of a U-Net at 352x480 (activations of 40-90 MiB),
-    run in a thread: with the CPU workers' settings, against the high thresholds alone (which do not
+    run in a thread: with what CPU workers get, against the high thresholds alone (which do not
     reach a thread's arena: 7x the faults and ~15 % slower, docs/benchmarks.md)."""
-    import os
-    import subprocess
-    import sys
-
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "RAY_JOB_CONFIG_JSON_ENV_VAR"}
+    for k in [k for k in os.environ if k.startswith("MALLOC_")] + ["RAY_JOB_CONFIG_JSON_ENV_VAR"]:
+        monkeypatch.delenv(k, raising=False)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def start(env: dict[str, str]) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", _STEP_IN_A_THREAD], env={**clean, **env}, cwd=repo,
+        return subprocess.Popen([sys.executable, "-c", _STEP_IN_A_THREAD], env={**os.environ, **env}, cwd=repo,
                                 stdout=subprocess.PIPE, text=True)
 
-    thresholds = {k: v for k, v in runtime.CPU_MALLOC_ENV.items() if "THRESHOLD" in k}
-    procs = [start(dict(runtime.CPU_MALLOC_ENV)), start(thresholds)]  # side by side: ~10 s
+    workers_env = runtime.worker_env()
+    thresholds = {k: v for k, v in workers_env.items() if k.endswith("_THRESHOLD_")}
+    assert thresholds
+    procs = [start(workers_env), start(thresholds)]  # side by side: ~10 s
     workers, thresholds_only = (float(p.communicate(timeout=300)[0].split()[-1]) for p in procs)
     assert all(p.returncode == 0 for p in procs)
     assert workers < 0.4 * thresholds_only, (workers, thresholds_only)
