@@ -102,7 +102,8 @@ def run_ray(data: str, storage: Path, base: int, batch: int, epochs: int, addres
 
 
 def run_plain(data: str, base: int, batch: int, epochs: int, threads: int, cores: list[int] | None,
-              extra: tuple[str, ...] = ()) -> dict:
+              world: int = 1, pin: bool = False) -> dict:
+    extra = ("--world", str(world), *(("--pin",) if pin else ()))
     cmd = [*benchlib.taskset(cores), *benchlib.python("bench/train_plain.py", "--data", data, "--base-channels",
                                                        str(base), "--batch-size", str(batch), "--epochs", str(epochs),
                                                        "--threads", str(threads), *extra)]
@@ -112,7 +113,7 @@ def run_plain(data: str, base: int, batch: int, epochs: int, threads: int, cores
     t1, m1 = epochs_seen[0]
     return {
         "variant": f"plain-{threads}thr", "batch": batch,
-        "global_batch": batch * (int(extra[extra.index("--world") + 1]) if "--world" in extra else 1), "wall_s": r.wall_s,
+        "global_batch": batch * world, "wall_s": r.wall_s,
         "startup_s": t1 - float(m1.group(4)),
         "epoch1_ips": float(m1.group(3)),
         "ips": benchlib.median(float(m.group(3)) for _, m in epochs_seen[1:] or epochs_seen),
@@ -171,9 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             elif v == "plain-1thr":
                 row = run_plain(data, base, batch, plain_epochs, 1, [0])
             elif v == "plain-ddp":
-                row = run_plain(data, base, batch, plain_epochs, 1, None, ("--world", "2"))
+                row = run_plain(data, base, batch, plain_epochs, 1, None, world=2)
             elif v == "plain-ddp-pin":
-                row = run_plain(data, base, batch, plain_epochs, 1, None, ("--world", "2", "--pin"))
+                row = run_plain(data, base, batch, plain_epochs, 1, None, world=2, pin=True)
             else:
                 raise SystemExit(f"unknown variant {v}")
             row.update(rep=rep, model=tag, label=v)

@@ -23,11 +23,11 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from segray import modelio, storage  # noqa: E402
+from segray import storage  # noqa: E402
 from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_uri  # noqa: E402
 from segray.metrics import summarize  # noqa: E402
 from segray.model import UNetConfig, build_model  # noqa: E402
-from segray.train import augment, class_weights, evaluate, weighted_loss_sum  # noqa: E402
+from segray.train import array_batches, augment, class_weights, evaluate, weighted_loss_sum  # noqa: E402
 
 
 def load_split(data: str, split: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,9 +38,8 @@ def load_split(data: str, split: str, height: int, width: int) -> tuple[np.ndarr
 
 
 def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
-    for k in range(0, len(order), batch_size):
-        idx = order[k : k + batch_size]
-        yield modelio.images_to_tensor(images[idx]), torch.from_numpy(labels[idx]).long()
+    """The job's own batching of an in-memory shard (segray.train.array_batches), on the CPU."""
+    return array_batches((images, labels), batch_size, order, torch.device("cpu"), False)
 
 
 def run(rank: int, args: argparse.Namespace) -> None:
