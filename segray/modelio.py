@@ -10,6 +10,7 @@ so inference rebuilds the model from the folder alone, without unpickling arbitr
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -106,8 +107,16 @@ def load_spec(uri: str) -> ModelSpec:
         raise ModelError(f"{config_uri}: format {raw.get('format')!r}, expected {FORMAT!r}")
     known = set(ModelSpec.__dataclass_fields__)
     raw = {k: v for k, v in raw.items() if k in known}
-    raw["mean"], raw["std"] = tuple(raw.get("mean", DEFAULT_MEAN)), tuple(raw.get("std", DEFAULT_STD))
-    return ModelSpec(**raw)
+    try:
+        raw["mean"], raw["std"] = tuple(raw.get("mean", DEFAULT_MEAN)), tuple(raw.get("std", DEFAULT_STD))
+        spec = ModelSpec(**raw)
+        spec.unet  # noqa: B018 - the network config must parse too
+        if spec.input_height < 1 or spec.input_width < 1:
+            raise ValueError(f"input size {spec.input_height}x{spec.input_width}")
+    except (TypeError, ValueError, KeyError) as e:
+        raise ModelError(f"{config_uri}: not a segray model config ({' '.join(str(e).split())[:200]}); "
+                         "export the model again") from None
+    return spec
 
 
 def load_tensors(data: bytes, name: str):
@@ -121,6 +130,24 @@ def load_tensors(data: bytes, name: str):
             f"{name}: refused to load: not a plain tensor file (torch.load weights_only=True: "
             f"{reason[-1] if reason else type(e).__name__})"
         ) from None
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt, not a torch file: name it
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ModelError(
+            f"{name}: not a readable torch file ({reason[:200]}); export the model again (jobs/train.py "
+            "reruns export only when the run is complete)"
+        ) from None
+
+
+def fingerprint(uri: str) -> str:
+    """sha256 of the exported model's ``config.json`` and ``model.pt`` bytes: what an output made
+    with the model records, so that a rerun with another model is recognised whatever its URI."""
+    folder = model_dir(uri)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        data = storage.read_bytes(storage.join(folder, name))
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, ModelSpec]:
@@ -128,6 +155,19 @@ def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, Mode
     spec = load_spec(uri)
     weights_uri = storage.join(model_dir(uri), WEIGHTS_FILE)
     state = load_tensors(storage.read_bytes(weights_uri), weights_uri)
-    model = build_model(spec.unet)
-    model.load_state_dict(state)
+    try:
+        model = build_model(spec.unet)
+    except Exception as e:  # noqa: BLE001 - a config.json whose network cannot be built
+        raise ModelError(f"{storage.join(model_dir(uri), CONFIG_FILE)}: cannot build its network {spec.model} "
+                         f"({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{weights_uri}: holds a {type(state).__name__}, not a state_dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - missing/unexpected keys, wrong shapes
+        reason = " ".join(str(e).split())
+        raise ModelError(
+            f"{weights_uri}: the weights do not fit the network of {CONFIG_FILE} {spec.model} ({reason[:300]}); "
+            "the two files must come from the same export"
+        ) from None
     return model.to(device).eval(), spec
