@@ -7,6 +7,14 @@ Layout of ``<dest>/``::
     val/*.parquet
     test/*.parquet        (each split only if the source has it)
 
+``dataset.json`` lists the dataset's Parquet files (``files``: split -> paths relative to the
+dataset folder); readers read exactly those (:func:`split_files`), so a folder may also hold
+files that are not part of the dataset: files a user put there, or the shards of a rerun of
+prepare that was interrupted before it wrote its ``dataset.json``. A ``dataset.json`` written
+before the list existed has no ``files``; its dataset is every ``<split>/*.parquet`` (any depth
+below the split folder). Prepare deletes only files a ``dataset.json`` or one of its own
+in-progress manifests lists (see :mod:`segray.prepare`), never other files of the folder.
+
 Parquet schema (plain Arrow types, readable without segray or Ray):
 
     name    string   relative path of the source image without extension
@@ -27,6 +35,7 @@ import pyarrow as pa
 
 from segray import storage
 from segray.camvid import CLASSES, PALETTE, VOID_INDEX, VOID_NAME
+from segray.layout import SPLITS
 
 FORMAT = "segray-prepared-dataset/1"
 DATASET_FILE = "dataset.json"
@@ -67,6 +76,10 @@ class DatasetInfo:
     layout: str
     unmapped_color_pixels: int = 0  # original layout: label colours not in label_colors.txt
     skipped: list[str] = field(default_factory=list)  # bad pairs left out with --skip-bad, and why
+    # split -> the dataset's Parquet files, relative to the dataset folder (``train/x.parquet``).
+    # Readers read exactly these; files of the folder not listed here are not part of it. Empty
+    # in datasets written before the list existed: then every ``<split>/*.parquet`` is read.
+    files: dict[str, list[str]] = field(default_factory=dict)
     classes: list[str] = field(default_factory=lambda: list(CLASSES))
     palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in PALETTE])
     void_index: int = VOID_INDEX
@@ -80,6 +93,43 @@ class DatasetInfo:
 
 def split_uri(dataset_uri: str, split: str) -> str:
     return storage.join(dataset_uri, split)
+
+
+def split_files(dataset_uri: str, info: DatasetInfo, split: str) -> list[str]:
+    """URIs of the Parquet files of ``split``: those ``dataset.json`` lists, else (an older
+    dataset) every ``*.parquet`` below ``<dataset>/<split>/``."""
+    if info.files:
+        return [storage.join(dataset_uri, *rel.split("/")) for rel in info.files.get(split, [])]
+    return [u for u in storage.list_files(split_uri(dataset_uri, split)) if u.endswith(".parquet")]
+
+
+def is_shard_path(rel: str) -> bool:
+    """``rel`` (relative, ``/``-separated) is where prepare may keep a shard:
+    ``<split>/.../<name>.parquet`` with no empty, ``.`` or ``..`` segment; anything else listed
+    in a ``dataset.json`` (an absolute path, ``../x``) is refused rather than read or deleted."""
+    parts = rel.split("/")
+    return (
+        len(parts) >= 2
+        and parts[0] in SPLITS
+        and rel.endswith(".parquet")
+        and all(p not in ("", ".", "..") for p in parts)
+        and "\\" not in rel
+    )
+
+
+def listed_files(dataset_uri: str, info: DatasetInfo) -> list[str]:
+    """The dataset's files, relative to ``dataset_uri``: what ``files`` lists, else (an older
+    dataset.json) every ``*.parquet`` below ``<dataset>/<split>/`` of every split."""
+    if info.files:
+        rels = [rel for split in sorted(info.files) for rel in info.files[split]]
+        bad = [rel for rel in rels if not is_shard_path(rel)]
+        if bad:
+            raise DatasetError(
+                f"{storage.join(dataset_uri, DATASET_FILE)}: lists {bad[0]!r}, which is not a Parquet file below "
+                "a split folder of the dataset; this is not a dataset.json that segray wrote"
+            )
+        return rels
+    return [storage.relative(dataset_uri, u) for split in SPLITS for u in split_files(dataset_uri, info, split)]
 
 
 def write_info(dataset_uri: str, info: DatasetInfo) -> None:

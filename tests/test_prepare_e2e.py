@@ -147,7 +147,7 @@ def test_skip_bad_lists_what_it_left_out(run_job, s3_prefix):
 def test_empty_or_foreign_source(run_job, s3_prefix, tmp_path):
     proc = run_job("prepare", "--source", f"{s3_prefix}/nothing", "--dest", f"{s3_prefix}/out")
     assert proc.returncode == 1 and "no files found" in proc.stderr.strip().splitlines()[-1]
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "cat.png").write_bytes(png_bytes(np.zeros((4, 4, 3), np.uint8)))
-    proc = run_job("prepare", "--source", str(tmp_path), "--dest", str(tmp_path / "out"))
+    (tmp_path / "src" / "photos").mkdir(parents=True)
+    (tmp_path / "src" / "photos" / "cat.png").write_bytes(png_bytes(np.zeros((4, 4, 3), np.uint8)))
+    proc = run_job("prepare", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out"))
     assert proc.returncode == 1 and "neither CamVid layout" in proc.stderr.strip().splitlines()[-1]
