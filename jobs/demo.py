@@ -2,11 +2,20 @@
 
     python jobs/demo.py                         # synthetic CamVid-format street scenes
     python jobs/demo.py --camvid ../shared/camvid --size 176x240 --epochs 20 --base-channels 16
+
+Each data source gets its own run, named ``demo-synthetic-<hash>`` or ``demo-camvid-<hash>``: the
+hash covers what the run is made from (the CamVid path, or the generated scenes' counts and
+seed; the size, --base-channels, --batch-size and --seed), so a demo never resumes another's run.
+Everything of a run lives under ``<workdir>/{sources,prepared,runs,predictions,report}/<name>``.
+Rerunning the same command resumes (and with a higher --epochs extends) its run and reuses its
+prepared dataset (delete ``<workdir>/prepared/<name>`` to prepare it again).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -39,8 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     return run_job("demo", lambda: run_demo(args))
 
 
+def demo_name(args: argparse.Namespace, source: str | None, size: tuple[int, int]) -> str:
+    """``demo-synthetic-<hash>`` or ``demo-camvid-<hash>`` (``source``: the normalized CamVid path,
+    None for generated scenes): one run per data source and per setting that a resume cannot change."""
+    kind = "camvid" if source else "synthetic"
+    key = {"size": list(size), "base_channels": args.base_channels, "batch_size": args.batch_size, "seed": args.seed}
+    key.update({"camvid": source} if source else {"train_images": args.train_images, "val_images": args.val_images})
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"demo-{kind}-{digest}"
+
+
 def run_demo(args: argparse.Namespace) -> None:
     from segray import storage
+    from segray.dataset import DATASET_FILE
     from segray.evaluate import build_report
     from segray.infer import InferConfig, infer
     from segray.prepare import PrepareConfig, prepare
@@ -53,19 +73,30 @@ def run_demo(args: argparse.Namespace) -> None:
         source = storage.normalize(args.camvid)
         size = args.size or (176, 240)
         epochs = args.epochs or 20
+        name = demo_name(args, source, size)
     else:
-        source = storage.join(work, "source")
         size = args.size or (64, 96)
         epochs = args.epochs or 8
+        name = demo_name(args, None, size)
+        source = storage.join(work, "sources", name)
+
+    data, runs = storage.join(work, "prepared", name), storage.join(work, "runs")
+    predictions, report = storage.join(work, "predictions", name), storage.join(work, "report", name)
+    print(f"demo: run {name} (rerunning this command resumes it; --epochs N extends it)", flush=True)
+
+    # A prepared dataset is reused: preparing again would give it a new identity (dataset.json),
+    # and the training run would refuse to resume on it.
+    reuse = storage.exists(storage.join(data, DATASET_FILE))
+    if not args.camvid and not (reuse and storage.exists(storage.join(source, "val"))):
         counts = {"train": args.train_images, "val": args.val_images}
         print(f"demo: generating {sum(counts.values())} street scenes in {source}", flush=True)
         write_dataset(source, layout="segnet", counts=counts, size=(size[0] * 2, size[1] * 2), seed=args.seed)
 
-    data, runs, name = storage.join(work, "prepared"), storage.join(work, "runs"), "demo"
-    predictions, report = storage.join(work, "predictions"), storage.join(work, "report")
-
-    print("demo: [1/4] prepare", flush=True)
-    prepare(PrepareConfig(source=source, dest=data, size=size))
+    if reuse:
+        print(f"demo: [1/4] prepare: reusing {data} (delete it to prepare again)", flush=True)
+    else:
+        print("demo: [1/4] prepare", flush=True)
+        prepare(PrepareConfig(source=source, dest=data, size=size))
 
     print("demo: [2/4] train", flush=True)
     train(TrainConfig(data=data, storage=runs, name=name, epochs=epochs, num_workers=args.num_workers,

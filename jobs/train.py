@@ -2,7 +2,11 @@
 
     python jobs/train.py --data s3://bucket/prepared --storage s3://bucket/runs --name unet --epochs 40
 
-Rerunning the same command (same --storage and --name) resumes after the latest checkpoint.
+Rerunning the same command (same --storage and --name) resumes after the latest checkpoint. A
+rerun that changes what the run is made from (--data or its content, --lr, --weight-decay,
+--lr-schedule, --batch-size, --class-weighting, --no-augment, --crop, --scale-range, --seed,
+--base-channels) is refused before any worker starts; a higher --epochs continues the LR schedule
+without a jump (segray/train.py's docstring).
 """
 
 from __future__ import annotations
@@ -31,12 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         description="Train a U-Net on a prepared dataset (jobs/prepare.py --dest) with Ray Train: one data shard "
         "and one DDP replica per worker, validation (mIoU, pixel accuracy) and a checkpoint every epoch in "
         "<storage>/<name>/, the best model exported to <storage>/<name>/model/ and the history to metrics.json.",
-        epilog="Rerunning the same command resumes after the latest checkpoint; a higher --epochs trains on. "
-        "URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment.",
+        epilog="Rerunning the same command resumes after the latest checkpoint; a higher --epochs trains on, "
+        "the rest of the LR schedule stretched over the new epochs (no jump). A rerun with another --data (or the "
+        "same one re-prepared), --lr, --weight-decay, --lr-schedule, --batch-size, --class-weighting, --no-augment, "
+        "--crop, --scale-range, --seed or --base-channels is refused: pass the recorded value (run.json in the run "
+        "folder) or a new --name. --num-workers, --use-gpu, --cpus-per-worker, --threads, --max-failures and "
+        "--keep-checkpoints may change. URIs are s3://bucket/prefix or local paths; S3 settings come from the "
+        "AWS_* environment.",
     )
     parser.add_argument("--data", required=True, help="prepared dataset (the --dest of jobs/prepare.py)")
     parser.add_argument("--storage", required=True, help="where run folders live (s3://... or a local path)")
-    parser.add_argument("--name", required=True, help="run folder name below --storage; the same name resumes")
+    parser.add_argument("--name", required=True,
+                        help="run folder name below --storage; the same name resumes (with the same recipe)")
     parser.add_argument("--epochs", type=int, default=10, help="total epochs of the run (default 10)")
     parser.add_argument("--num-workers", type=int, default=2, help="Ray Train workers, one model replica each (default 2)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (bf16, SyncBatchNorm, channels_last)")

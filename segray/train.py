@@ -3,22 +3,53 @@
     driver (train)                             each Ray Train worker (train_loop_per_worker)
     --------------                             ----------------------------------------------
     check dataset, storage, cluster size       resume from ray.train.get_checkpoint()
-    read Parquet splits into the object store  per epoch: its shard of train -> augment -> DDP step
-    TorchTrainer.fit()                   --->  its shard of val -> confusion matrix, all_reduce
-    export the best checkpoint to model/       rank 0: checkpoint to a temp dir; all ranks report
+    refuse a resume that would mix two runs    per epoch: its shard of train -> augment -> DDP step
+    read Parquet splits into the object store  its shard of val -> confusion matrix, all_reduce
+    TorchTrainer.fit()                   --->  rank 0: checkpoint to a temp dir; all ranks report
+    export the best checkpoint to model/
     write metrics.json, print a summary
 
-Run folder ``<storage>/<name>/``: Ray Train's ``checkpoint_epoch_NNNN/`` folders (``state.pt``:
-weights, optimizer, scheduler, epoch, model config, classes, history; ``meta.json``: the same
-without tensors) and ``checkpoint_manager_snapshot.json``, then ``model/`` (modelio) and
+Run folder ``<storage>/<name>/``: ``run.json`` (what the run is made from, written before any
+worker starts), Ray Train's ``checkpoint_epoch_NNNN/`` folders (``state.pt``: weights, optimizer,
+LR schedule, epoch, model config, classes, recipe, history; ``meta.json``: the same without
+tensors) and ``checkpoint_manager_snapshot.json``, then ``model/`` (modelio) and
 ``metrics.json`` once training ends. Rerunning the same command resumes after the latest
 checkpoint (Ray Train V2 reloads the snapshot of the run folder of the same name); with every
 epoch done it only re-exports.
+
+**What a run is made from** (its *recipe*, :func:`recipe`): the dataset (normalized URI and the
+sha256 of its ``dataset.json`` bytes, which a re-prepare always rewrites), its input size and
+classes, the model config (``--base-channels``) and the training settings that shape the
+weights: ``--lr``, ``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker),
+``--class-weighting``, augmentation on/off, ``--crop``, ``--scale-range`` and ``--seed``. Every
+checkpoint's ``meta.json`` holds it (the record that travels with the weights) and ``run.json``
+holds it from the moment the run starts. A resume whose recipe differs from the latest
+checkpoint's is refused before any worker starts, with one line naming each setting, its
+recorded and its new value, and the fix (the same value, or a new ``--name``). What may change
+on resume: ``--epochs`` (below), ``--num-workers``, ``--use-gpu``, ``--cpus-per-worker``,
+``--threads``, ``--max-failures``, ``--keep-checkpoints`` (resources and bookkeeping). A run
+killed before its first checkpoint has nothing to resume: the next command starts it afresh
+and rewrites ``run.json``. Checkpoints written before recipes existed are compared on what
+their ``config`` recorded (no dataset content identity).
+
+**The LR schedule** is ``lr * lr_factor(schedule, progress)``, where progress in [0, 1] is a
+piecewise-linear function of the *epoch position* x (epoch e, step k of S steps of an epoch:
+x = e - 1 + k / S) through the knots ``[(0, 0), (E, 1)]`` of a run of E epochs: a function of
+epochs, not of a step count, so a resume with another ``--num-workers`` (another S) continues
+where it was. A resume after epoch d with a new ``--epochs`` E1 (longer or, if not yet reached,
+shorter) keeps the knots up to d and re-anchors the rest: ``(d, p_d)`` then ``(E1, 1)``, with
+p_d the progress the run had reached at d. The first new step gets exactly the LR the run
+would have had at that point (no jump), the rest of the schedule is stretched (or squeezed)
+over epochs d..E1, and it ends at the schedule's final value at E1. A run whose schedule had
+already ended (d = E) stays at the final value (0 for cosine and onecycle) for its extra
+epochs: train on with a new run instead. The knots are in every checkpoint (``schedule``);
+on resume the scheduler is rebuilt from them and the epoch, never from a step count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -36,7 +67,17 @@ import torch.nn.functional as F
 
 from segray import modelio, storage
 from segray.camvid import NUM_CLASSES, VOID_INDEX
-from segray.dataset import COL_IMAGE, COL_LABEL, DatasetError, DatasetInfo, load_info, rows_to_arrays, split_uri
+from segray.dataset import (
+    COL_IMAGE,
+    COL_LABEL,
+    DATASET_FILE,
+    DatasetError,
+    DatasetInfo,
+    load_info,
+    rows_to_arrays,
+    split_files,
+    split_uri,
+)
 from segray.metrics import confusion_matrix, summarize
 from segray.model import UNetConfig, build_model
 
@@ -46,6 +87,8 @@ CHECKPOINT_FILE = "state.pt"  # torch.save of plain containers: loads with weigh
 CHECKPOINT_META = "meta.json"
 CHECKPOINT_PREFIX = "checkpoint_epoch_"
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"  # the run's recipe, written before any worker starts
+RUN_FORMAT = "segray-train-run/1"
 SCORE = "val_miou"  # what "best checkpoint" means
 
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "onecycle")
@@ -175,6 +218,8 @@ class LoopSpec:
     classes: tuple[str, ...]
     class_weights: tuple[float, ...] | None  # None: unweighted cross-entropy
     cache_shards: bool = False  # workers keep their shards in memory after epoch 1 (CACHE_SHARD_MAX_BYTES)
+    schedule_knots: tuple[tuple[float, float], ...] = ()  # the run's LR schedule; () = fresh_schedule(epochs)
+    recipe: dict | None = None  # what the run is made from (recipe()); saved in every checkpoint
 
 
 @dataclass(frozen=True)
@@ -237,6 +282,176 @@ def lr_factor(schedule: str, progress: float) -> float:
             return ONECYCLE_START + (1.0 - ONECYCLE_START) * p / ONECYCLE_WARMUP
         return 0.5 * (1.0 + math.cos(math.pi * (p - ONECYCLE_WARMUP) / (1.0 - ONECYCLE_WARMUP)))
     raise ValueError(f"unknown lr schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+
+
+def fresh_schedule(epochs: int) -> list[list[float]]:
+    """The knots (epoch position, progress) of a run of ``epochs`` epochs: progress = x / epochs."""
+    return [[0.0, 0.0], [float(epochs), 1.0]]
+
+
+def schedule_progress(knots: Sequence[Sequence[float]], position: float) -> float:
+    """Progress in [0, 1] at epoch position ``position`` (epoch e, step k of S: e - 1 + k / S),
+    piecewise linear through ``knots``; constant past the last knot."""
+    return float(np.interp(position, [float(k[0]) for k in knots], [float(k[1]) for k in knots]))
+
+
+def extend_schedule(knots: Sequence[Sequence[float]], done: int, epochs: int) -> list[list[float]]:
+    """The knots of a run resumed after epoch ``done`` with ``--epochs epochs``.
+
+    Unchanged when the run keeps its length (or has nothing left to train); a run that has not
+    trained yet starts afresh. Otherwise the knots up to ``done`` are kept and the rest of the
+    schedule is re-anchored: ``(done, p)`` with p the progress reached at ``done``, then
+    ``(epochs, 1)``. The LR is continuous at ``done`` and reaches the schedule's final value at
+    ``epochs`` (module docstring)."""
+    knots = [[float(e), float(p)] for e, p in knots]
+    if done <= 0:
+        return fresh_schedule(epochs)
+    if knots[-1][0] == float(epochs) or done >= epochs:
+        return knots
+    reached = schedule_progress(knots, done)
+    return [k for k in knots if k[0] < done] + [[float(done), reached], [float(epochs), 1.0]]
+
+
+def lr_factor_at(schedule: str, knots: Sequence[Sequence[float]], position: float) -> float:
+    """Multiplier of the base learning rate at epoch position ``position`` of a run with ``knots``."""
+    return lr_factor(schedule, schedule_progress(knots, position))
+
+
+def make_scheduler(optimizer, lr: float, schedule: str, knots: Sequence[Sequence[float]], start_epoch: int,
+                   steps_per_epoch: int):
+    """A LambdaLR whose step t (counted from this call) is at epoch position
+    ``start_epoch + t / steps_per_epoch``: the optimizer's LR is ``lr * lr_factor_at(...)``.
+
+    Built from the epoch and the knots on every (re)start, never restored from a step count, so
+    a resume continues on the schedule whatever the steps per epoch were before. Call it after
+    ``optimizer.load_state_dict``: it resets every group's base LR to ``lr``."""
+    knots = [list(k) for k in knots]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["initial_lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: lr_factor_at(schedule, knots, start_epoch + t / steps_per_epoch)
+    )
+
+
+# What a run is made from. Besides the dataset (URI, dataset.json sha256, input size, classes)
+# and the model config, these TrainConfig fields: a resume that changed one would train one
+# set of weights with two recipes, and metrics.json would name only the last. (field, name in
+# messages). --lr, --weight-decay, --lr-schedule: the optimizer steps so far were sized by them;
+# --batch-size (per worker): the step's gradient noise and the steps per epoch; --class-weighting:
+# the loss; augmentation, --crop, --scale-range: the training distribution; --seed: the shuffling
+# and augmentation draws of every epoch (a run reproducible from its recorded config).
+RECIPE_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("lr", "--lr"),
+    ("weight_decay", "--weight-decay"),
+    ("lr_schedule", "--lr-schedule"),
+    ("batch_size", "--batch-size"),
+    ("class_weighting", "--class-weighting"),
+    ("augment", "augmentation (--no-augment)"),
+    ("crop", "--crop"),
+    ("scale_range", "--scale-range"),
+    ("seed", "--seed"),
+)
+
+
+def _plain(x: Any) -> Any:
+    """Tuples -> lists, recursively: the value as it comes back from JSON."""
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def recipe(config: TrainConfig, info: DatasetInfo, dataset_sha256: str) -> dict:
+    """What the run ``config`` on the dataset ``info`` is made from (module docstring), as JSON."""
+    return {
+        "data": storage.normalize(config.data),
+        "dataset_sha256": dataset_sha256,
+        "input_size": [info.height, info.width],
+        "classes": list(info.classes),
+        "model": config.unet.to_dict(),
+        **{field: _plain(getattr(config, field)) for field, _ in RECIPE_SETTINGS},
+    }
+
+
+def legacy_recipe(meta: dict) -> dict:
+    """The recipe of a checkpoint written before recipes existed, from what its meta.json has:
+    only the keys it recorded (an absent key is not compared; there is no dataset identity)."""
+    config = meta.get("config") or {}
+    out = {k: v for k, v in (("data", config.get("data")), ("classes", meta.get("classes")),
+                             ("model", meta.get("model_config"))) if v is not None}
+    out.update({field: _plain(config[field]) for field, _ in RECIPE_SETTINGS if field in config})
+    return out
+
+
+def _show(field: str, value: Any) -> str:
+    if field == "crop":
+        return "whole frames" if value is None else f"{value[0]}x{value[1]}"
+    if field == "scale_range":
+        return f"{value[0]!r},{value[1]!r}"
+    if field == "augment":
+        return "on" if value else "off"
+    return str(value)
+
+
+def _facts(r: dict) -> str:
+    """'32x48, dataset.json sha256 1a2b3c4d5e6f' (what is known of it)."""
+    facts = []
+    if r.get("input_size"):
+        facts.append(f"{r['input_size'][0]}x{r['input_size'][1]}")
+    if r.get("dataset_sha256"):
+        facts.append(f"dataset.json sha256 {r['dataset_sha256'][:12]}")
+    if r.get("classes") is not None and "dataset_sha256" not in r:
+        facts.append(f"{len(r['classes'])} classes")
+    return ", ".join(facts)
+
+
+def _and(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def resume_refusal(run_uri: str, recorded: dict, current: dict) -> str | None:
+    """The one-line refusal of a resume whose recipe ``current`` differs from the ``recorded``
+    one (keys absent from ``recorded`` are unknown and not compared), or None when it may resume.
+
+    ``<run> cannot resume: <setting> was <recorded>, this command has <new>[; ...]; pass the same
+    <settings> to resume it, or a new --name to start a new run``; a dataset re-prepared at the
+    same URI reads ``--data <uri> was re-prepared since the run used it (<then>; now <now>)``
+    and its fix ``pass the dataset it was trained on``."""
+    clauses: list[str] = []
+    same: list[str] = []
+    content_changed = False
+
+    def differs(key: str) -> bool:
+        return key in recorded and _plain(recorded[key]) != _plain(current.get(key))
+
+    if differs("data"):
+        was, now = _facts(recorded), _facts(current)
+        clauses.append(f"--data was {recorded['data']}{f' ({was})' if was else ''}, "
+                       f"this command has {current.get('data')}{f' ({now})' if now else ''}")
+        same.append("--data")
+    elif any(differs(k) for k in ("dataset_sha256", "input_size", "classes")):
+        content_changed = True
+        clauses.append(f"--data {current.get('data')} was re-prepared since the run used it "
+                       f"({_facts(recorded)}; now {_facts(current)})")
+    old_model, new_model = recorded.get("model"), current.get("model") or {}
+    if old_model is not None and _plain(old_model) != _plain(new_model):
+        for key in sorted(set(old_model) | set(new_model)):
+            if old_model.get(key) != new_model.get(key):
+                name = "--base-channels" if key == "base_channels" else f"model {key}"
+                clauses.append(f"{name} was {old_model.get(key)}, this command has {new_model.get(key)}")
+                same.append(name)
+    for field, name in RECIPE_SETTINGS:
+        if differs(field):
+            clauses.append(f"{name} was {_show(field, recorded[field])}, "
+                           f"this command has {_show(field, current.get(field))}")
+            same.append(name)
+    if not clauses:
+        return None
+    fixes = ([f"the same {_and(same)}"] if same else []) + (["the dataset it was trained on"] if content_changed else [])
+    return (f"{run_uri} cannot resume: {'; '.join(clauses)}; pass {' and '.join(fixes)} to resume it, "
+            "or a new --name to start a new run")
 
 
 def augment(
@@ -483,7 +698,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(config.unet)
     # Steps of one epoch on this worker: train is split into equal shards (DataConfig below).
     steps_per_epoch = max(1, math.ceil((spec.train_rows // world) / config.batch_size))
-    total_steps = config.epochs * steps_per_epoch
+    knots = [list(k) for k in spec.schedule_knots] or fresh_schedule(config.epochs)
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -502,12 +717,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     net = model.module if hasattr(model, "module") else model
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config.lr_schedule, step / total_steps)
-    )
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    # From the epoch and the knots, not from the checkpoint's step count (module docstring).
+    scheduler = make_scheduler(optimizer, config.lr, config.lr_schedule, knots, start_epoch, steps_per_epoch)
     weight = torch.tensor(spec.class_weights, device=device) if spec.class_weights else None
 
     train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
@@ -527,6 +740,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
+        lr_start = optimizer.param_groups[0]["lr"]
         generator = torch.Generator().manual_seed(_seed_for(config.seed, rank, epoch))
         batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(config.seed, rank, epoch, 1))
         train_totals = _all_reduce(
@@ -552,7 +766,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "val_pixel_accuracy": scores["pixel_accuracy"],
             "val_iou": scores["iou"],
             "val_pixels": scores["pixels"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[0]["lr"],  # after the epoch's last step: the next step's
+            "lr_start": lr_start,  # of the epoch's first step
             "train_images": int(images),
             "images_per_s": images / train_time if train_time > 0 else float("nan"),
             "train_time_s": train_time,
@@ -566,14 +781,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = {
                 "model": net.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
                 "epoch": epoch,
+                "schedule": {"name": config.lr_schedule, "knots": knots, "epochs": config.epochs},
                 "model_config": config.unet.to_dict(),
                 "classes": list(spec.classes),
+                "recipe": spec.recipe,
                 "history": history,
                 "config": config.to_dict(),
             }
-            meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler")}
+            meta = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
             with tempfile.TemporaryDirectory() as d:
                 _save_checkpoint(d, state, meta)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
@@ -604,11 +820,20 @@ def _check_dataset(config: TrainConfig) -> DatasetInfo:
                 f"{config.data}: dataset.json lists no {split!r} rows (splits: {info.splits}); training needs "
                 f"{TRAIN_SPLIT} and {VAL_SPLIT}; prepare a source that has both"
             )
-        if not any(u.endswith(".parquet") for u in storage.list_files(split_uri(config.data, split))):
+        files = split_files(config.data, info, split)
+        if not files:
             raise DatasetError(
                 f"{split_uri(config.data, split)}: no Parquet files although dataset.json lists {rows} rows; "
                 "the dataset is incomplete, rerun jobs/prepare.py"
             )
+        if info.files:  # listed by dataset.json: each must be there (one listing of the split, not a HEAD each)
+            there = set(storage.list_files(split_uri(config.data, split)))
+            missing = [u for u in files if u not in there]
+            if missing:
+                raise DatasetError(
+                    f"{missing[0]}: listed in dataset.json but missing ({len(missing)} of {len(files)} {split} "
+                    "files); the dataset is incomplete, rerun jobs/prepare.py"
+                )
     if info.splits[TRAIN_SPLIT] < config.num_workers:
         raise TrainError(
             f"{config.data}: {info.splits[TRAIN_SPLIT]} training rows cannot feed {config.num_workers} workers "
@@ -653,27 +878,53 @@ def _read_json(checkpoint, name: str) -> dict:
         return json.loads(f.read())
 
 
-def _previous(config: TrainConfig):
-    """The Ray Train result of an earlier run of this name, or None for a new run."""
+def dataset_sha256(data_uri: str) -> str:
+    """The identity of a prepared dataset: the sha256 of its dataset.json bytes (a re-prepare
+    rewrites them: new counts, new file names)."""
+    return hashlib.sha256(storage.read_bytes(storage.join(data_uri, DATASET_FILE))).hexdigest()
+
+
+def _previous(config: TrainConfig, current: dict):
+    """(Ray Train result, its latest checkpoint's meta.json) of an earlier run of this name, or
+    (None, None) for a new run. Raises TrainError when ``current`` (this command's recipe)
+    differs from the recipe the checkpoint recorded: resuming would mix two runs."""
     from ray.train import Result
 
     fs, path = storage.resolve(config.run_uri)
     snapshot = storage.join(config.run_uri, "checkpoint_manager_snapshot.json")
     if not storage.exists(snapshot):
-        return None
+        return None, None
     result = Result.from_path(path, storage_filesystem=fs)
     if result.checkpoint is None:
-        return None
+        return None, None
     meta = _read_json(result.checkpoint, CHECKPOINT_META)
-    if meta.get("model_config") != config.unet.to_dict():
-        raise TrainError(
-            f"{config.run_uri} holds a run of model {meta.get('model_config')}, this command asks for "
-            f"{config.unet.to_dict()}; pass the same --base-channels to resume it, or a new --name"
-        )
-    return result
+    recorded = meta.get("recipe") or legacy_recipe(meta)
+    refusal = resume_refusal(config.run_uri, recorded, current)
+    if refusal:
+        raise TrainError(refusal)
+    return result, meta
 
 
-def _datasets(config: TrainConfig) -> dict:
+def _write_run_file(config: TrainConfig, current: dict, previous_meta: dict | None) -> None:
+    """``<run>/run.json``: the recipe, before any worker starts. A new run (no checkpoint) writes
+    it, replacing the record of a run killed before its first checkpoint; a resumed run keeps its
+    own (the recipe matched) and writes one only if it has none."""
+    uri = storage.join(config.run_uri, RUN_FILE)
+    if previous_meta is not None and storage.exists(uri):
+        return
+    if previous_meta is None and storage.exists(uri):
+        try:
+            old = json.loads(storage.read_bytes(uri)).get("recipe")
+        except (ValueError, AttributeError):
+            old = None
+        if old != current:
+            print(f"train: {config.run_uri} has no checkpoint to resume; starting it afresh (run.json replaced)",
+                  flush=True)
+    doc = {"format": RUN_FORMAT, "run": config.run_uri, "recipe": current}
+    storage.write_bytes(uri, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _datasets(config: TrainConfig, info: DatasetInfo) -> dict:
     """Both splits as Ray Datasets held in the object store, in blocks of at most ~32 MB.
 
     Read once, by the driver, with pyarrow, not with ``ray.data.read_parquet``: a streaming read
@@ -688,9 +939,11 @@ def _datasets(config: TrainConfig) -> dict:
     import ray
 
     out = {}
+    fs, _ = storage.resolve(config.data)
     for split in (TRAIN_SPLIT, VAL_SPLIT):
-        fs, path = storage.resolve(split_uri(config.data, split))
-        table = pq.read_table(path, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
+        # Exactly the files dataset.json lists: the folder may hold others (prepare's leftovers).
+        paths = [storage.resolve(u)[1] for u in split_files(config.data, info, split)]
+        table = pq.read_table(paths, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
         # Several blocks per worker, so that the val split (not split equally) is shared out evenly.
         blocks = max(4 * config.num_workers, math.ceil(table.nbytes / BLOCK_BYTES))
         rows = max(1, math.ceil(table.num_rows / blocks))
@@ -716,7 +969,7 @@ def _data_config():
     return ShardConfig(datasets_to_split=[TRAIN_SPLIT, VAL_SPLIT])
 
 
-def _fit(config: TrainConfig, spec: LoopSpec):
+def _fit(config: TrainConfig, spec: LoopSpec, info: DatasetInfo):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -742,7 +995,7 @@ def _fit(config: TrainConfig, spec: LoopSpec):
             # workers' own progress lines (rank 0) and warnings remain.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=_datasets(config),
+        datasets=_datasets(config, info),
         dataset_config=_data_config(),
     )
     return trainer.fit()
@@ -785,7 +1038,8 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
     model_uri = storage.join(config.run_uri, modelio.MODEL_DIR)
     modelio.save_model(model_uri, state["model"], spec)
 
-    history = _read_json(result.checkpoint, CHECKPOINT_META)["history"]  # the latest knows every epoch
+    latest = _read_json(result.checkpoint, CHECKPOINT_META)
+    history = latest["history"]  # the latest knows every epoch
     best = next(h for h in history if h["epoch"] == state["epoch"])
     elapsed = time.perf_counter() - start
     doc = {
@@ -798,7 +1052,10 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
         "final": history[-1],
         "history": history,
         "config": config.to_dict(),
-        "dataset": {"height": info.height, "width": info.width, "splits": info.splits},
+        "recipe": latest.get("recipe"),  # what the run is made from (module docstring)
+        "schedule": latest.get("schedule"),  # the LR schedule's knots (epoch position, progress)
+        "dataset": {"height": info.height, "width": info.width, "splits": info.splits,
+                    "dataset_sha256": (latest.get("recipe") or {}).get("dataset_sha256")},
         "checkpoint": best_ckpt.path,
         "elapsed_s": elapsed,
     }
@@ -821,8 +1078,16 @@ def train(config: TrainConfig) -> TrainResult:
     init_ray(gpu=config.use_gpu)
     _check_cluster(config)
 
-    previous = _previous(config)
-    done = _read_json(previous.checkpoint, CHECKPOINT_META)["epoch"] if previous else 0
+    current = recipe(config, info, dataset_sha256(config.data))
+    previous, meta = _previous(config, current)  # refuses a resume that would mix two runs
+    _write_run_file(config, current, meta)
+    done = int(meta["epoch"]) if meta else 0
+    if meta and meta.get("schedule"):
+        knots = meta["schedule"]["knots"]
+    elif meta:  # a checkpoint from before the knots: its schedule ran over its config's epochs
+        knots = fresh_schedule((meta.get("config") or {}).get("epochs", done))
+    else:
+        knots = fresh_schedule(config.epochs)
     weights = class_weights(config.class_weighting, info.class_pixel_counts)
     print(
         f"train: {config.data} (train {info.splits[TRAIN_SPLIT]}, val {info.splits[VAL_SPLIT]} at "
@@ -839,6 +1104,15 @@ def train(config: TrainConfig) -> TrainResult:
         if done:
             print(f"train: resuming {config.run_uri} after epoch {done}; epochs {done + 1}..{config.epochs}",
                   flush=True)
+            reached = schedule_progress(knots, done)
+            if knots[-1][0] != config.epochs:
+                print(f"train: --epochs {config.epochs} (was {knots[-1][0]:g}): the rest of the {config.lr_schedule} "
+                      f"LR schedule (from {reached:.0%}) now runs over epochs {done + 1}..{config.epochs}", flush=True)
+            if reached >= 1.0 and config.lr_schedule != "constant":
+                print(f"train: the {config.lr_schedule} schedule had ended at epoch {done}; epochs {done + 1}.."
+                      f"{config.epochs} keep its final LR ({config.lr * lr_factor(config.lr_schedule, 1.0):g}); "
+                      "use a new --name to train with a fresh schedule", flush=True)
+            knots = extend_schedule(knots, done, config.epochs)
         spec = LoopSpec(
             config=config,
             height=info.height,
@@ -848,8 +1122,10 @@ def train(config: TrainConfig) -> TrainResult:
             class_weights=None if weights is None else tuple(float(w) for w in weights),
             cache_shards=shard_cache_fits(info.splits[TRAIN_SPLIT], info.splits[VAL_SPLIT], config.num_workers,
                                           info.height, info.width),
+            schedule_knots=tuple((float(e), float(p)) for e, p in knots),
+            recipe=current,
         )
-        result = _fit(config, spec)
+        result = _fit(config, spec, info)
     out = export(config, info, result, start, done_before=done)
     print(format_summary(out), flush=True)
     return out

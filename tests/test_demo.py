@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import re
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from segray.evaluate import small_object_stats, connected_components
+from conftest import REPO
+
+from segray.evaluate import connected_components, small_object_stats
+
+DEMO_ARGS = ["--train-images", "24", "--val-images", "8", "--size", "32x48", "--epochs", "2", "--base-channels", "4",
+             "--num-workers", "1", "--batch-size", "8"]
+
+
+def _demo_module():
+    spec = importlib.util.spec_from_file_location("demo_job", REPO / "jobs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_demo_runs_end_to_end_and_reports_metrics_parquet(run_job, tmp_path):
     work = tmp_path / "demo"
-    proc = run_job("demo", "--workdir", str(work), "--train-images", "24", "--val-images", "8", "--size", "32x48",
-                   "--epochs", "2", "--base-channels", "4", "--num-workers", "1", "--batch-size", "8")
+    proc = run_job("demo", "--workdir", str(work), *DEMO_ARGS)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mIoU" in proc.stdout and "report (open in a browser)" in proc.stdout
-    for rel in ("prepared/dataset.json", "runs/demo/model/config.json", "runs/demo/metrics.json",
-                "predictions/metrics.parquet", "report/index.html", "report/confusion.png"):
+    name = re.search(r"demo: run (demo-synthetic-[0-9a-f]{8}) ", proc.stdout).group(1)
+    for rel in (f"prepared/{name}/dataset.json", f"runs/{name}/model/config.json", f"runs/{name}/metrics.json",
+                f"predictions/{name}/metrics.parquet", f"report/{name}/index.html", f"report/{name}/confusion.png"):
         assert (work / rel).exists(), rel
-    assert len(list((work / "predictions" / "masks").rglob("*.png"))) == 8
-    assert list((work / "report").glob("frame_*.png"))
+    assert len(list((work / "predictions" / name / "masks").rglob("*.png"))) == 8
+    assert list((work / "report" / name).glob("frame_*.png"))
 
-    metrics = pq.read_table(work / "predictions" / "metrics.parquet").to_pylist()
+    metrics = pq.read_table(work / "predictions" / name / "metrics.parquet").to_pylist()
     overall = next(r for r in metrics if r["class_name"] == "overall")
-    page = (work / "report" / "index.html").read_text()
+    page = (work / "report" / name / "index.html").read_text()
     shown = float(re.search(r"mIoU <b>([0-9.]+)</b>", page).group(1))
     assert shown == round(overall["miou"], 3)
     shown_acc = float(re.search(r"pixel accuracy <b>([0-9.]+)</b>", page).group(1))
@@ -32,6 +46,37 @@ def test_demo_runs_end_to_end_and_reports_metrics_parquet(run_job, tmp_path):
     for r in metrics:
         if r["class_name"] != "overall" and r["iou"] is not None:
             assert f"{r['class_name']}</td><td>{r['iou']:.3f}</td>" in page
+
+
+    # The generated scenes as a --camvid source, in the same workdir: its own run, prepared data and
+    # outputs; it neither resumes nor touches the synthetic run (which trained 2 epochs at 32x48).
+    synthetic = (work / "runs" / name / "metrics.json").read_bytes()
+    camvid = run_job("demo", "--workdir", str(work), "--camvid", str(work / "sources" / name), *DEMO_ARGS[4:])
+    assert camvid.returncode == 0, camvid.stdout[-3000:] + camvid.stderr[-3000:]
+    other = re.search(r"demo: run (demo-camvid-[0-9a-f]{8}) ", camvid.stdout).group(1)
+    assert "resuming" not in camvid.stdout and "train: epoch 1/2 " in camvid.stdout + camvid.stderr
+    assert (work / "runs" / other / "model" / "config.json").exists()
+    assert (work / "prepared" / other / "dataset.json").exists()
+    assert (work / "runs" / name / "metrics.json").read_bytes() == synthetic
+
+
+def test_demo_run_names_differ_per_data_source_and_recipe():
+    demo = _demo_module()
+
+    def args(**kw):
+        base = {"base_channels": 16, "batch_size": 8, "seed": 0, "train_images": 192, "val_images": 48, "epochs": None,
+                "num_workers": 2}
+        return argparse.Namespace(**{**base, **kw})
+
+    synthetic = demo.demo_name(args(), None, (64, 96))
+    camvid = demo.demo_name(args(), "/data/camvid", (176, 240))
+    assert synthetic.startswith("demo-synthetic-") and camvid.startswith("demo-camvid-")
+    assert camvid != demo.demo_name(args(), "/data/camvid-other", (176, 240))  # another path
+    assert camvid != demo.demo_name(args(), "/data/camvid", (64, 96))  # another size: another dataset
+    assert synthetic != demo.demo_name(args(train_images=24), None, (64, 96))
+    assert synthetic != demo.demo_name(args(base_channels=8), None, (64, 96))  # would be refused on resume
+    # What a resume may change keeps the name: the same command with more epochs extends the run.
+    assert synthetic == demo.demo_name(args(epochs=20, num_workers=1), None, (64, 96))
 
 
 def test_small_object_stats_by_hand():

@@ -22,8 +22,15 @@ from segray.train import (
     augment,
     color_jitter,
     class_weights,
+    extend_schedule,
+    fresh_schedule,
+    legacy_recipe,
     lr_factor,
+    lr_factor_at,
+    make_scheduler,
     median_frequency_weights,
+    resume_refusal,
+    schedule_progress,
     weighted_loss_sum,
 )
 
@@ -214,6 +221,158 @@ def test_lr_factor_schedules():
         lr_factor("step", 0.1)
 
 
+# ------------------------------------------------------- the LR schedule across an --epochs change
+
+
+def _step_factors(schedule, knots, first_epoch, last_epoch, steps_per_epoch):
+    """The LR factor of every step of epochs first_epoch+1..last_epoch (what the worker's scheduler uses)."""
+    return [lr_factor_at(schedule, knots, e + k / steps_per_epoch)
+            for e in range(first_epoch, last_epoch) for k in range(steps_per_epoch)]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+@pytest.mark.parametrize("e0, done, e1, spe0, spe1", [
+    (10, 6, 16, 7, 7),  # a longer run, after the warm-up
+    (10, 2, 13, 7, 7),  # onecycle: inside its warm-up
+    (10, 6, 25, 5, 9),  # and resumed with other --num-workers (other steps per epoch)
+    (10, 6, 8, 7, 7),  # a shorter one, not yet reached
+])
+def test_lr_schedule_extension_is_continuous_and_ends_at_the_final_value(schedule, e0, done, e1, spe0, spe1):
+    knots = fresh_schedule(e0)
+    before = _step_factors(schedule, knots, 0, done, spe0)
+    extended = extend_schedule(knots, done, e1)
+    after = _step_factors(schedule, extended, done, e1, spe1)
+    # The first new step has the LR the run would have had there (the original run's next step).
+    assert after[0] == pytest.approx(lr_factor_at(schedule, knots, done), abs=1e-12)
+    # No jump at the boundary larger than one step's normal change (of either side).
+    normal = max([abs(b - a) for a, b in zip(before, before[1:])] + [abs(b - a) for a, b in zip(after, after[1:])])
+    assert abs(after[0] - before[-1]) <= normal + 1e-12
+    # The steps so far are unchanged, and the run ends at the schedule's final value at e1.
+    assert _step_factors(schedule, extended, 0, done, spe0) == pytest.approx(before, abs=1e-12)
+    assert lr_factor_at(schedule, extended, e1) == pytest.approx(lr_factor(schedule, 1.0), abs=1e-12)
+    assert after[-1] == pytest.approx(lr_factor_at(schedule, extended, e1 - 1 / spe1), abs=1e-12)
+    if e1 > e0:  # stretched: the rest never changes faster than before
+        assert max(abs(b - a) for a, b in zip(after, after[1:])) <= normal + 1e-12
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_the_old_step_count_definition_jumps(schedule):
+    """The control: progress = step / (new epochs x steps) (before the knots) jumps at the boundary."""
+    spe, done, e1 = 7, 6, 16
+    old_last = lr_factor(schedule, (done * spe - 1) / (10 * spe))
+    restarted_first = lr_factor(schedule, done * spe / (e1 * spe))
+    assert abs(restarted_first - old_last) > 0.1
+    extended_first = lr_factor_at(schedule, extend_schedule(fresh_schedule(10), done, e1), done)
+    assert abs(extended_first - old_last) < 0.05
+
+
+def test_extend_schedule_knots_by_hand():
+    assert fresh_schedule(4) == [[0.0, 0.0], [4.0, 1.0]]
+    assert extend_schedule(fresh_schedule(4), 2, 6) == [[0.0, 0.0], [2.0, 0.5], [6.0, 1.0]]
+    assert extend_schedule(fresh_schedule(4), 2, 4) == fresh_schedule(4)  # the same length: unchanged
+    assert extend_schedule(fresh_schedule(4), 0, 9) == fresh_schedule(9)  # nothing trained yet: afresh
+    assert extend_schedule(fresh_schedule(4), 5, 5) == fresh_schedule(4)  # nothing left to train
+    # Extended twice: the first extension's knots are kept up to the second boundary.
+    twice = extend_schedule(extend_schedule(fresh_schedule(4), 2, 6), 4, 12)
+    assert twice == [[0.0, 0.0], [2.0, 0.5], [4.0, 0.75], [12.0, 1.0]]
+    # A schedule that had ended stays at its end (a finished cosine run keeps LR 0).
+    assert extend_schedule(fresh_schedule(4), 4, 8) == [[0.0, 0.0], [4.0, 1.0], [8.0, 1.0]]
+    assert schedule_progress([[0.0, 0.0], [4.0, 1.0]], 9.0) == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_scheduler_rebuilt_from_a_checkpoint_continues_the_uninterrupted_run(schedule):
+    """The worker's path: steps, optimizer state saved after epoch 2, a new optimizer loads it
+    and make_scheduler continues; the same --epochs gives exactly the uninterrupted LRs."""
+    lr, spe, epochs, done = 0.01, 5, 4, 2
+
+    def session(state, start, knots, end):
+        net = torch.nn.Linear(3, 1)
+        opt = torch.optim.AdamW(net.parameters(), lr=lr)
+        if state is not None:
+            opt.load_state_dict(state)
+        sched = make_scheduler(opt, lr, schedule, knots, start, spe)
+        lrs = []
+        for _ in range(start * spe, end * spe):
+            lrs.append(opt.param_groups[0]["lr"])
+            net(torch.ones(1, 3)).sum().backward()
+            opt.step()
+            sched.step()
+        return lrs, opt.state_dict()
+
+    whole, _ = session(None, 0, fresh_schedule(epochs), epochs)
+    first, state = session(None, 0, fresh_schedule(epochs), done)
+    rest, _ = session(state, done, fresh_schedule(epochs), epochs)
+    assert first + rest == pytest.approx(whole, abs=1e-15)
+    # Extended to 8 epochs after epoch 2: the first new step continues where the run was.
+    longer, _ = session(state, done, extend_schedule(fresh_schedule(epochs), done, 8), 8)
+    assert longer[0] == pytest.approx(whole[done * spe], abs=1e-15)
+    assert longer[-1] == pytest.approx(lr * lr_factor_at(schedule, extend_schedule(fresh_schedule(epochs), done, 8),
+                                                         8 - 1 / spe))
+
+
+# ------------------------------------------------------------------- what a run is made from
+
+
+def _recipe(**kw):
+    base = {"data": "s3://b/prepared", "dataset_sha256": "a" * 64, "input_size": [32, 48],
+            "classes": ["Sky", "Building"], "model": {"base_channels": 8, "depth": 4}, "lr": 0.003,
+            "weight_decay": 0.0, "lr_schedule": "cosine", "batch_size": 4, "class_weighting": "sqrt_median_freq",
+            "augment": True, "crop": None, "scale_range": [0.75, 1.5], "seed": 0}
+    return {**base, **kw}
+
+
+def test_resume_refusal_names_each_setting_its_values_and_the_fix():
+    run = "s3://b/runs/r"
+    assert resume_refusal(run, _recipe(), _recipe()) is None
+    msg = resume_refusal(run, _recipe(), _recipe(lr=0.01))
+    assert msg == (f"{run} cannot resume: --lr was 0.003, this command has 0.01; pass the same --lr to resume it, "
+                   "or a new --name to start a new run")
+    msg = resume_refusal(run, _recipe(), _recipe(data="s3://b/other", dataset_sha256="b" * 64))
+    assert "--data was s3://b/prepared (32x48, dataset.json sha256 aaaaaaaaaaaa), this command has s3://b/other " \
+           "(32x48, dataset.json sha256 bbbbbbbbbbbb); pass the same --data to resume it" in msg
+    # Re-prepared with other content at the same size: only the dataset.json identity tells.
+    msg = resume_refusal(run, _recipe(), _recipe(dataset_sha256="d" * 64))
+    assert msg and "--data s3://b/prepared was re-prepared since the run used it" in msg and "dddddddddddd" in msg
+    msg = resume_refusal(run, _recipe(), _recipe(dataset_sha256="c" * 64, input_size=[64, 96]))
+    assert "--data s3://b/prepared was re-prepared since the run used it (32x48, dataset.json sha256 aaaaaaaaaaaa; " \
+           "now 64x96, dataset.json sha256 cccccccccccc); pass the dataset it was trained on to resume it" in msg
+    msg = resume_refusal(run, _recipe(), _recipe(seed=1, crop=[32, 32], augment=False, model={"base_channels": 16,
+                                                                                            "depth": 4}))
+    assert "--base-channels was 8, this command has 16" in msg and "--seed was 0, this command has 1" in msg
+    assert "--crop was whole frames, this command has 32x32" in msg and "augmentation (--no-augment) was on" in msg
+    assert msg.endswith("pass the same --base-channels, augmentation (--no-augment), --crop and --seed to resume it, "
+                        "or a new --name to start a new run") and "\n" not in msg
+    for key, value in [("weight_decay", 0.1), ("lr_schedule", "constant"), ("batch_size", 8),
+                       ("class_weighting", "none"), ("scale_range", [0.5, 2.0])]:
+        assert resume_refusal(run, _recipe(), _recipe(**{key: value})), key
+
+
+def test_legacy_checkpoints_are_compared_on_what_they_recorded():
+    meta = {"model_config": {"base_channels": 8, "depth": 4}, "classes": ["Sky", "Building"],
+            "config": {"data": "s3://b/prepared", "lr": 0.003, "epochs": 4, "crop": None, "scale_range": [0.75, 1.5],
+                       **{k: _recipe()[k] for k in ("weight_decay", "lr_schedule", "batch_size", "class_weighting",
+                                                     "augment", "seed")}}}
+    old = legacy_recipe(meta)
+    assert "dataset_sha256" not in old and "input_size" not in old  # unknown: not compared
+    assert resume_refusal("r", old, _recipe()) is None
+    assert "--lr was 0.003" in resume_refusal("r", old, _recipe(lr=0.01))
+    assert "--data was s3://b/prepared" in resume_refusal("r", old, _recipe(data="s3://b/x"))
+    assert "--base-channels was 8" in resume_refusal("r", old, _recipe(model={"base_channels": 4, "depth": 4}))
+
+
+def test_recipe_records_the_dataset_and_the_locked_settings(tmp_path):
+    ok = _dataset(tmp_path, {"train": 4, "val": 2})
+    info = _check_dataset(_config(data=ok))
+    r = train.recipe(_config(data=ok, crop=(16, 16), lr=0.5), info, train.dataset_sha256(ok))
+    assert r["data"] == ok and r["input_size"] == [8, 8] and r["classes"] == list(info.classes)
+    assert r["dataset_sha256"] == __import__("hashlib").sha256((tmp_path / "prepared" / "dataset.json").read_bytes()) \
+        .hexdigest()
+    assert r["crop"] == [16, 16] and r["scale_range"] == [0.75, 1.5] and r["lr"] == 0.5
+    assert json.loads(json.dumps(r)) == r  # compared after a JSON round trip
+    assert "epochs" not in r and "num_workers" not in r
+
+
 # ----------------------------------------------------------------------------------- config
 
 
@@ -292,6 +451,28 @@ def test_check_dataset_refuses_missing_and_incomplete(tmp_path):
     shutil.rmtree(tmp_path / "b" / "prepared" / "val")
     with pytest.raises(DatasetError, match="incomplete"):
         _check_dataset(_config(data=ok))
+
+
+def test_check_dataset_uses_the_files_dataset_json_lists(tmp_path):
+    from segray.dataset import DatasetInfo, write_info
+
+    root = tmp_path / "prepared"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / split / "run1_0.parquet").write_bytes(b"x")
+    files = {"train": ["train/run1_0.parquet"], "val": ["val/run1_0.parquet", "val/run1_1.parquet"]}
+    write_info(str(root), DatasetInfo(height=8, width=8, splits={"train": 4, "val": 2}, class_pixel_counts=[1] * NUM_CLASSES,
+                                      void_pixel_count=0, source="x", layout="segnet", files=files))
+    # A listed file that is not there: incomplete, named.
+    with pytest.raises(DatasetError, match=r"val/run1_1.parquet: listed in dataset.json but missing"):
+        _check_dataset(_config(data=str(root)))
+    (root / "val" / "run1_1.parquet").write_bytes(b"x")
+    assert _check_dataset(_config(data=str(root))).files == files
+    # Files of the folder that dataset.json does not list are not part of it (and not needed).
+    (root / "train" / "leftover.parquet").write_bytes(b"x")
+    (root / "train" / "run1_0.parquet").unlink()
+    with pytest.raises(DatasetError, match="run1_0.parquet: listed in dataset.json but missing"):
+        _check_dataset(_config(data=str(root)))
 
 
 def test_check_dataset_refuses_a_foreign_dataset_json(tmp_path):

@@ -21,7 +21,7 @@ from conftest import BUCKET, REPO
 
 from segray import modelio, storage
 from segray.camvid import NUM_CLASSES, VOID_INDEX
-from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_uri
+from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_files
 from segray.metrics import confusion_matrix_np, summarize
 
 TRAIN, VAL, SIZE = 128, 24, (32, 48)
@@ -44,8 +44,9 @@ def prepared(s3_server, run_job) -> str:
 
 def val_arrays(data: str) -> tuple[np.ndarray, np.ndarray]:
     info = load_info(data)
-    fs, path = storage.resolve(split_uri(data, "val"))
-    table = pq.read_table(path, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
+    fs, _ = storage.resolve(data)
+    paths = [storage.resolve(u)[1] for u in split_files(data, info, "val")]  # what dataset.json lists
+    table = pq.read_table(paths, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
     images, labels = rows_to_arrays(table.to_pydict(), info.height, info.width)
     return images.copy(), labels.copy()
 
@@ -138,7 +139,11 @@ def test_train_resumes_exports_and_learns(prepared, run_job):
     other = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "6",
                     "--base-channels", "16")
     assert other.returncode == 1
-    assert "pass the same --base-channels to resume it, or a new --name" in other.stderr.strip().splitlines()[-1]
+    # (This command also leaves out ARGS: --lr and --batch-size are back at their defaults.)
+    last = other.stderr.strip().splitlines()[-1]
+    assert last == (f"train: error: TrainError: {run} cannot resume: --base-channels was 8, this command has 16; "
+                    "--lr was 0.003, this command has 0.001; --batch-size was 4, this command has 8; pass the same "
+                    "--base-channels, --lr and --batch-size to resume it, or a new --name to start a new run"), last
 
 
 def fails_fast(proc, message: str, runs: str | None = None) -> None:
