@@ -105,8 +105,13 @@ def run_demo(args: argparse.Namespace) -> None:
 
     print("demo: [3/4] infer on the validation frames", flush=True)
     storage.delete(predictions)  # a fresh output: this run's model, not an earlier one's
-    infer(InferConfig(model=run, images=storage.join(source, "val"), labels=storage.join(source, "valannot"),
-                                output=predictions, write_masks=True))
+    images, labels = storage.join(source, "val"), storage.join(source, "valannot")
+    if not (storage.is_dir(images) and storage.is_dir(labels)):
+        # Original-layout CamVid keeps frames and their NAME_L.png labels side by side.
+        images = labels = source
+        print(f"demo: no val/ and valannot/ in {source}: inferring on every frame there, paired with NAME_L.png",
+              flush=True)
+    infer(InferConfig(model=run, images=images, labels=labels, output=predictions, write_masks=True))
 
     print("demo: [4/4] report", flush=True)
     page = build_report(predictions, report, run=run, title="segray demo")

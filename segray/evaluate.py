@@ -12,12 +12,23 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from segray import storage
 from segray.camvid import CLASSES, PALETTE, VOID_INDEX
-from segray.infer import COL_ACCURACY, COL_CONFUSION, COL_LABEL_URI, COL_MASK, COL_URI, METRICS_FILE, PREDICTIONS_DIR
+from segray.infer import (
+    COL_ACCURACY,
+    COL_CONFUSION,
+    COL_LABEL_URI,
+    COL_MASK,
+    COL_URI,
+    METRICS_FILE,
+    PREDICTIONS_DIR,
+    PREDICTIONS_SCHEMA,
+    parquet_files,
+)
 from segray.preprocess import decode_image, decode_index_label
 from segray.report import Example, write_report
 
@@ -31,9 +42,16 @@ SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
 )
 
 
-def read_table(uri: str, columns: list[str] | None = None, filters=None):
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
+def read_table(folder: str, columns: list[str] | None = None, filters=None):
+    """The part files of an infer output folder, exactly those infer counts (infer.parquet_files):
+    a killed write's ``*.tmp-*`` file or a stray file is not read."""
+    files = parquet_files(folder)
+    if not files:
+        schema = PREDICTIONS_SCHEMA if columns is None else pa.schema([PREDICTIONS_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    fs, _ = storage.resolve(files[0])
+    return pq.read_table([storage.resolve(f)[1] for f in files], filesystem=fs, columns=columns, filters=filters,
+                         schema=PREDICTIONS_SCHEMA)
 
 
 def summed_confusion(output: str, num_classes: int = len(CLASSES)) -> np.ndarray:

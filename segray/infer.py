@@ -12,7 +12,11 @@ then ``metrics.parquet``, written last, from one confusion matrix summed inside 
 the write tasks of a first run, or, when the output already held rows (a rerun), over every
 row of ``predictions/`` (:func:`aggregate_predictions`). Never from predictions on the driver.
 
-Output layout (``<output>/``), the contract of shared/DESIGN.md:
+Output layout (``<output>/``), the contract of docs/design.md:
+
+``infer.json``: what made the output: the model (URI and the sha256 of its ``model.pt`` and
+    ``config.json``), ``--images`` and ``--labels``. Written before the first row; a rerun that
+    differs in any of them is refused, so rows of two models or collections are never mixed.
 
 ``predictions/part-<hash>.parquet``, one row per predicted frame:
     uri                 string         the input's URI (archive members: ``<archive>/<member>``)
@@ -28,22 +32,31 @@ Output layout (``<output>/``), the contract of shared/DESIGN.md:
   folder has one schema, whatever run wrote it.
 
 ``errors/part-<hash>.parquet``, one row per input that could not be used:
-    uri, stage, message  string        stage: list (not an image), read, archive, decode, label
+    uri, stage, message  string        stage: list (not an image, or a name segray refuses),
+                                       read, archive, decode, label, postprocess, write (its mask)
+
+Only ``part-*.parquet`` files directly in those folders are parts (parquet_files); a killed
+write's temporary file is not.
 
 ``metrics.parquet``: one row per class and one ``overall`` row (see :func:`metrics_table`).
 
-``masks/<path below --images, extension .png>``: colour PNGs, with ``--write-masks``.
+``masks/<path below --images>.png``: colour PNGs, with ``--write-masks``; the source extension
+stays in the name (``a/X.jpg`` -> ``masks/a/X.jpg.png``), so two inputs never share a mask.
 
 rows(predictions) + rows(errors) = number of inputs (sources.py says what an input is).
-Problems of the *input* become error rows; problems of the *system* (the model fails to load
-or run, the store is unreachable after its retries) fail the job, and a rerun resumes.
+Problems of the *input* become error rows: every exception raised while reading, decoding,
+pairing, postprocessing or writing one input is that input's row, never the job's end.
+Problems of the *system* (the store is unreachable after its retries, a replica dies) fail the
+job, and a rerun resumes. The model is loaded and checked on the driver before the output is
+touched.
 
 Rerun: the same command over the same output skips every input whose URI is already in
 ``predictions/`` or ``errors/`` and processes the rest, so an interrupted run is completed
-without duplicates or gaps. Part files are named by a hash of the URIs they hold, so a retried
-write task overwrites its own file. Nothing is recomputed: to start over (another model),
-delete the output or pick a new one. ``metrics.parquet`` is deleted when a run starts and
-written when it ends; a folder with it is complete.
+without duplicates or gaps; error rows of stage ``read`` (RETRY_STAGES) are removed and those
+inputs tried again. Part files are named by a hash of the URIs they hold, so a retried write
+task overwrites its own file. Nothing is recomputed: to start over (another model), delete the
+output or pick a new one. ``metrics.parquet`` is deleted when a run starts and written when it
+ends; a folder with it is complete.
 """
 
 from __future__ import annotations
@@ -51,8 +64,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
-import tarfile
+import posixpath
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +96,12 @@ PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
 METRICS_FILE = "metrics.parquet"
 MASKS_DIR = "masks"
+# What made the output (model, --images, --labels): written before the first row, checked by
+# every rerun so that rows of two models or two collections are never mixed.
+RUN_FILE = "infer.json"
+RUN_FORMAT = "segray-infer-output/1"
+PART_PREFIX = "part-"
+PART_SUFFIX = ".parquet"
 
 COL_URI = "uri"
 COL_HEIGHT = "height"
@@ -99,6 +119,11 @@ STAGE_READ = "read"
 STAGE_ARCHIVE = "archive"
 STAGE_DECODE = "decode"
 STAGE_LABEL = "label"
+STAGE_WRITE = "write"  # the frame's mask could not be written (--write-masks)
+STAGE_POSTPROCESS = "postprocess"  # the predicted mask could not be finished (resized, counted, encoded)
+# Error rows a rerun tries again: reading can fail for reasons that pass (a throttled or
+# unreachable store, an object being replaced); a bad file stays bad.
+RETRY_STAGES = frozenset({STAGE_READ})
 
 PREDICTIONS_SCHEMA = pa.schema(
     [
@@ -118,6 +143,8 @@ ERRORS_SCHEMA = pa.schema([(COL_URI, pa.string()), (COL_STAGE, pa.string()), (CO
 _COL_KIND = "kind"
 _COL_LABEL_KIND = "label_kind"
 _COL_DONE = "done"
+_COL_ERROR = "list_error"  # the listing's verdict on an input's name (sources.Input.error)
+_COL_TAKEN = "taken"  # URIs of other objects below an archive's URI (sources.Input.taken)
 _COL_IMAGE = "image"  # the frame resized to the model's input size, (h, w, 3) uint8 bytes
 _COL_PRED = "pred"  # the predicted mask at the model's size, (h, w) uint8 bytes
 _LISTING_SCHEMA = pa.schema(
@@ -127,6 +154,8 @@ _LISTING_SCHEMA = pa.schema(
         (COL_LABEL_URI, pa.string()),
         (_COL_LABEL_KIND, pa.string()),
         (_COL_DONE, pa.list_(pa.string())),
+        (_COL_ERROR, pa.string()),
+        (_COL_TAKEN, pa.list_(pa.string())),
     ]
 )
 _FRAMES_SCHEMA = pa.schema(
@@ -258,6 +287,8 @@ def listing_tables(listing: sources.Listing) -> list[pa.Table]:
                     COL_LABEL_URI: i.label.uri if i.label else None,
                     _COL_LABEL_KIND: i.label.kind if i.label else None,
                     _COL_DONE: list(i.done),
+                    _COL_ERROR: i.error or None,
+                    _COL_TAKEN: list(i.taken),
                 }
                 for i in group
             ],
@@ -267,8 +298,19 @@ def listing_tables(listing: sources.Listing) -> list[pa.Table]:
     ]
 
 
+def _text(s: str) -> str:
+    """Valid UTF-8 text (Parquet strings): undecodable bytes carried as surrogates -> ``\\xNN``."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _error(uri: str, stage: str, message: str) -> dict:
-    return {COL_URI: uri, COL_STAGE: stage, COL_MESSAGE: message}
+    return {COL_URI: _text(uri), COL_STAGE: stage, COL_MESSAGE: _text(message)}
+
+
+def _reason(e: BaseException) -> str:
+    """An unexpected exception as ``Type: message`` on one line, for an error row."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def load_frame(data: bytes, uri: str, size: tuple[int, int]) -> tuple[np.ndarray, int, int]:
@@ -289,9 +331,11 @@ def _frame_row(data: bytes, uri: str, size: tuple[int, int], label: sources.Labe
         resized, height, width = load_frame(data, uri, size)
     except BadInputError as e:
         return _error(uri, STAGE_DECODE, str(e))
+    except Exception as e:  # noqa: BLE001 - whatever one frame does, it is that frame's error row
+        return _error(uri, STAGE_DECODE, f"{uri}: cannot be decoded ({_reason(e)})")
     return {
-        COL_URI: uri,
-        COL_LABEL_URI: label.uri if label else None,
+        COL_URI: _text(uri),
+        COL_LABEL_URI: _text(label.uri) if label else None,
         _COL_LABEL_KIND: label.kind if label else None,
         COL_HEIGHT: height,
         COL_WIDTH: width,
@@ -299,26 +343,35 @@ def _frame_row(data: bytes, uri: str, size: tuple[int, int], label: sources.Labe
     }
 
 
-def _archive_rows(archive_uri: str, images_root: str, done: frozenset[str], size, labels) -> Iterator[dict]:
-    archive_rel = storage.relative(images_root, archive_uri)
+def _archive_rows(archive_uri: str, images_root: str, done: frozenset[str], taken: tuple[str, ...], size,
+                  labels) -> Iterator[dict]:
+    """Rows of one archive's members, streaming; never raises. Members read before damage keep
+    their rows and the rest of the archive is one error row; an archive without a single
+    member is one error row too (sources.iter_archive yields it), so that nothing vanishes."""
+    archive_rel = sources.input_rel(images_root, archive_uri)
     try:
-        for member in sources.iter_archive(archive_uri, skip=done):
-            uri = sources.member_uri(archive_uri, member.path)
-            if member.error:
-                yield _error(uri, STAGE_LIST, member.error)
-            elif not is_image(member.path):
-                yield _error(uri, STAGE_LIST, sources.not_an_image_message(uri))
-            else:
-                label = sources.label_for_member(archive_rel, member.path, labels) if labels else None
-                yield _frame_row(member.data, uri, size, label)
-    except (tarfile.TarError, EOFError) as e:
-        # The members read so far are rows already; the rest of the archive is one error row.
+        for member in sources.iter_archive(archive_uri, skip=done, taken=taken):
+            uri = sources.member_uri(archive_uri, member.path) if member.path else archive_uri
+            try:
+                if member.error:
+                    yield _error(uri, STAGE_LIST if member.path else STAGE_ARCHIVE, member.error)
+                elif not is_image(member.path):
+                    yield _error(uri, STAGE_LIST, sources.not_an_image_message(uri))
+                else:
+                    label = sources.label_for_member(archive_rel, member.path, labels) if labels else None
+                    yield _frame_row(member.data, uri, size, label)
+            except Exception as e:  # noqa: BLE001 - one member's failure is that member's row
+                yield _error(uri, STAGE_DECODE, f"{uri}: {_reason(e)}")
+    except (FileNotFoundError, storage.StorageError) as e:
         if archive_uri not in done:
-            yield _error(archive_uri, STAGE_ARCHIVE, f"{archive_uri}: broken archive ({type(e).__name__}: {e}); "
-                         "members before the damage were processed")
-    except FileNotFoundError:
+            yield _error(archive_uri, STAGE_READ, f"{archive_uri}: cannot be read ({_reason(e)})")
+    except sources.ArchiveError as e:
         if archive_uri not in done:
-            yield _error(archive_uri, STAGE_READ, f"{archive_uri}: not found (deleted after listing?)")
+            yield _error(archive_uri, STAGE_ARCHIVE, f"{e}; the members before the damage were processed")
+    except Exception as e:  # noqa: BLE001 - whatever else the stream raises: the archive's row
+        if archive_uri not in done:
+            yield _error(archive_uri, STAGE_ARCHIVE, f"{archive_uri}: broken archive ({_reason(e)}); "
+                         "the members before the damage were processed")
 
 
 def load_frames(
@@ -332,14 +385,20 @@ def load_frames(
     rows: list[dict] = []
     for item in batch.to_pylist():
         uri, kind = item[COL_URI], item[_COL_KIND]
-        if kind == sources.KIND_ARCHIVE:
-            produced: Iterable[dict] = _archive_rows(uri, images_root, frozenset(item[_COL_DONE]), size, labels)
+        if item[_COL_ERROR]:
+            produced: Iterable[dict] = [_error(uri, STAGE_LIST, item[_COL_ERROR])]
+        elif kind == sources.KIND_ARCHIVE:
+            produced = _archive_rows(uri, images_root, frozenset(item[_COL_DONE]), tuple(item[_COL_TAKEN] or ()),
+                                     size, labels)
         elif kind == sources.KIND_IMAGE:
             label = sources.Label(item[COL_LABEL_URI], item[_COL_LABEL_KIND]) if item[COL_LABEL_URI] else None
             try:
-                produced = [_frame_row(storage.read_bytes(uri), uri, size, label)]
-            except storage.StorageError as e:
-                produced = [_error(uri, STAGE_READ, str(e))]
+                data = storage.read_bytes(uri)
+            except Exception as e:  # noqa: BLE001 - unreadable now; a rerun tries it again
+                produced = [_error(uri, STAGE_READ, str(e) if isinstance(e, storage.StorageError)
+                                   else f"{uri}: cannot be read ({_reason(e)})")]
+            else:
+                produced = [_frame_row(data, uri, size, label)]
         else:
             produced = [_error(uri, STAGE_LIST, sources.not_an_image_message(uri))]
         for row in produced:
@@ -481,10 +540,60 @@ def finish_frame(
     return FrameResult(mask, encode_png(mask), counts.astype(np.int64).tolist(), confusion, accuracy)
 
 
+def _lies_below(uri: str, root: str) -> bool:
+    """``uri`` is a plain path strictly below ``root``: no ``.``/``..``/empty segment anywhere."""
+    body = uri.split("://", 1)[-1].replace(os.sep, "/")
+    top = root.split("://", 1)[-1].replace(os.sep, "/").rstrip("/")
+    return posixpath.normpath(body) == body and body.startswith(top + "/")
+
+
 def mask_uri(output: str, images_root: str, uri: str) -> str:
-    """``<images>/a/b/X.jpg`` -> ``<output>/masks/a/b/X.png`` (archive members below ``A.tar/``)."""
-    rel = storage.relative(images_root, uri)
-    return storage.join(output, MASKS_DIR, sources.frame_key(rel) + ".png")
+    """``<images>/a/b/X.jpg`` -> ``<output>/masks/a/b/X.jpg.png`` (archive members below ``A.tar/``).
+
+    The source extension stays in the name, so ``X.jpg`` and ``X.png`` never share a mask.
+    Raises ValueError for a path that would not lie below ``<output>/masks/`` (the listing
+    already refuses such names; this is the last check before a write)."""
+    rel = sources.mask_rel(sources.input_rel(images_root, uri))
+    masks = storage.join(output, MASKS_DIR)
+    target = storage.join(masks, *rel.split("/"))
+    if not _lies_below(target, masks):
+        raise ValueError(f"{uri}: its mask path {target} would leave {masks}")
+    return target
+
+
+def _result_row(item: dict, model_size: tuple[int, int], num_classes: int, void_index: int, color_table: tuple,
+                palette: list, images_root: str, output: str, write_masks: bool) -> dict:
+    """One predicted frame -> its predictions row, or the error row of its label or its mask."""
+    uri = item[COL_URI]
+    size = (item[COL_HEIGHT], item[COL_WIDTH])
+    label = None
+    if item[COL_LABEL_URI]:
+        try:
+            label = load_label(item[COL_LABEL_URI], item[_COL_LABEL_KIND], color_table)
+        except (BadInputError, storage.StorageError) as e:
+            return _error(uri, STAGE_LABEL, str(e))
+        except Exception as e:  # noqa: BLE001 - a label PIL cannot convert, a truncated PNG, ...
+            return _error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: cannot be used as a label ({_reason(e)})")
+        if label.shape != size:
+            return _error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: label is {label.shape[1]}x{label.shape[0]} "
+                          f"but the frame is {size[1]}x{size[0]}; they must be the same size")
+    pred = np.frombuffer(item[_COL_PRED], dtype=np.uint8).reshape(model_size)
+    result = finish_frame(pred, size, num_classes, void_index, label)
+    if write_masks:
+        try:
+            storage.write_bytes(mask_uri(output, images_root, uri), encode_png(colorize(result.mask, palette)))
+        except Exception as e:  # noqa: BLE001 - a name the store refuses, a folder in the way, ...
+            return _error(uri, STAGE_WRITE, f"{uri}: its mask could not be written ({_reason(e)}); rename the input")
+    return {
+        COL_URI: uri,
+        COL_HEIGHT: size[0],
+        COL_WIDTH: size[1],
+        COL_MASK: result.mask_png,
+        COL_COUNTS: result.class_pixel_counts,
+        COL_LABEL_URI: item[COL_LABEL_URI],
+        COL_CONFUSION: result.confusion,
+        COL_ACCURACY: result.pixel_accuracy,
+    }
 
 
 def postprocess(
@@ -506,34 +615,11 @@ def postprocess(
         if item[COL_STAGE] is not None:
             rows.append(_error(uri, item[COL_STAGE], item[COL_MESSAGE]))
             continue
-        size = (item[COL_HEIGHT], item[COL_WIDTH])
-        label = None
-        if item[COL_LABEL_URI]:
-            try:
-                label = load_label(item[COL_LABEL_URI], item[_COL_LABEL_KIND], color_table)
-            except (BadInputError, storage.StorageError) as e:
-                rows.append(_error(uri, STAGE_LABEL, str(e)))
-                continue
-            if label.shape != size:
-                rows.append(_error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: label is {label.shape[1]}x"
-                                   f"{label.shape[0]} but the frame is {size[1]}x{size[0]}; they must be the same size"))
-                continue
-        pred = np.frombuffer(item[_COL_PRED], dtype=np.uint8).reshape(h, w)
-        result = finish_frame(pred, size, num_classes, void_index, label)
-        if write_masks:
-            storage.write_bytes(mask_uri(output, images_root, uri), encode_png(colorize(result.mask, palette)))
-        rows.append(
-            {
-                COL_URI: uri,
-                COL_HEIGHT: size[0],
-                COL_WIDTH: size[1],
-                COL_MASK: result.mask_png,
-                COL_COUNTS: result.class_pixel_counts,
-                COL_LABEL_URI: item[COL_LABEL_URI],
-                COL_CONFUSION: result.confusion,
-                COL_ACCURACY: result.pixel_accuracy,
-            }
-        )
+        try:
+            rows.append(_result_row(item, (h, w), num_classes, void_index, color_table, palette, images_root,
+                                    output, write_masks))
+        except Exception as e:  # noqa: BLE001 - one frame's failure is that frame's row, never the job's
+            rows.append(_error(uri, STAGE_POSTPROCESS, f"{uri}: {_reason(e)}"))
     return pa.Table.from_pylist(rows, schema=_RESULTS_SCHEMA)
 
 
@@ -601,8 +687,16 @@ def _datasink_class():
 
 
 def parquet_files(folder: str) -> list[str]:
-    """The part files of a folder (temporary files of an interrupted write are not parts)."""
-    return [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+    """The part files of a folder: ``part-*.parquet`` directly in it. A killed write's temporary
+    ``part-*.parquet.tmp-*`` and anything else a person put there are not parts; every reader of
+    an infer output (this stage, evaluate, the benchmarks) reads exactly these."""
+    out = []
+    for uri in storage.list_files(folder):
+        name = uri.replace(os.sep, "/").rsplit("/", 1)[-1]
+        rel = storage.relative(folder, uri)
+        if "/" not in rel and name.startswith(PART_PREFIX) and name.endswith(PART_SUFFIX):
+            out.append(uri)
+    return out
 
 
 def done_uris(output: str) -> set[str]:
@@ -613,6 +707,27 @@ def done_uris(output: str) -> set[str]:
             fs, path = storage.resolve(uri)
             done.update(pq.read_table(path, columns=[COL_URI], filesystem=fs).column(0).to_pylist())
     return done
+
+
+def drop_retryable_errors(output: str) -> int:
+    """Remove the error rows of RETRY_STAGES from ``errors/``, so that a rerun tries those inputs
+    again; returns how many. Each part file is rewritten without them (atomically) or deleted
+    when nothing else is in it: an interruption leaves those inputs not done, never doubled."""
+    dropped = 0
+    for uri in parquet_files(storage.join(output, ERRORS_DIR)):
+        fs, path = storage.resolve(uri)
+        table = pq.read_table(path, filesystem=fs)
+        retry = pc.is_in(table.column(COL_STAGE), value_set=pa.array(sorted(RETRY_STAGES), pa.string()))
+        n = pc.sum(retry).as_py() or 0
+        if not n:
+            continue
+        keep = table.filter(pc.invert(retry))
+        if keep.num_rows:
+            _write_parquet(uri, keep)
+        else:
+            storage.delete(uri)
+        dropped += n
+    return dropped
 
 
 def _batch_sums(batch: pa.Table, num_classes: int) -> pa.Table:
@@ -768,6 +883,56 @@ def format_summary(s: InferSummary) -> str:
     return "\n".join(lines)
 
 
+def run_record(config: InferConfig, model_sha256: str) -> dict:
+    """What ``infer.json`` says made the output (URIs normalised)."""
+    return {
+        "format": RUN_FORMAT,
+        "model": config.model,
+        "model_sha256": model_sha256,
+        "images": config.images,
+        "labels": config.labels,
+    }
+
+
+def check_output(config: InferConfig, record: dict) -> bool:
+    """Refuse an output that another model, collection or label set made; True when it holds an
+    earlier run of this same job (a rerun), False when it is new or empty.
+
+    An output folder that holds files but no ``infer.json`` is not segray's to write into."""
+    run_file = storage.join(config.output, RUN_FILE)
+    start_over = f"pass the same flags to complete it, or delete {config.output} or choose another --output to start over"
+    if not storage.exists(run_file):
+        others = [u for u in storage.list_files(config.output)]
+        if others:
+            raise InferError(
+                f"--output {config.output} holds {len(others)} files (e.g. {others[0]}) but no {RUN_FILE}: it is not "
+                "the output of a segray infer run; choose an empty or new --output"
+            )
+        return False
+    try:
+        earlier = json.loads(storage.read_bytes(run_file))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InferError(f"{run_file}: not valid JSON ({e}); delete {config.output} or choose another --output") from None
+    if not isinstance(earlier, dict) or earlier.get("format") != RUN_FORMAT:
+        raise InferError(f"{run_file}: not a segray infer record; delete {config.output} or choose another --output")
+    checks = (
+        ("model_sha256", "--model", "the model (sha256 of its model.pt and config.json)"),
+        ("images", "--images", "--images"),
+        ("labels", "--labels", "--labels"),
+    )
+    for key, flag, what in checks:
+        if earlier.get(key) != record[key]:
+            before, now = earlier.get(key), record[key]
+            if key == "model_sha256":
+                before = f"{earlier.get('model')} (sha256 {str(before)[:12]})"
+                now = f"{record['model']} (sha256 {str(now)[:12]})"
+            raise InferError(
+                f"--output {config.output} was made with {what} {before or 'none'}, this run has {flag} "
+                f"{now or 'none'}; {start_over}"
+            )
+    return True
+
+
 def color_table(labels: str | None) -> tuple:
     """Colour -> class table for ``_L.png`` labels: ``label_colors.txt`` at the labels root if
     there is one, else the original CamVid table."""
@@ -804,6 +969,10 @@ def run_pipeline(
     import ray
 
     num_classes = spec.unet.num_classes
+    # A map task's exception as itself, not as "UserCodeException: UDF failed to process a data
+    # block." (segray turns every input's failure into a row; what is left is a system failure
+    # whose own message the job's last line should show).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = ray.data.from_arrow(listing_tables(listing))
     ds = ds.map_batches(
         load_frames,
@@ -867,19 +1036,32 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
         output=storage.normalize(config.output),
         labels=storage.normalize(config.labels) if config.labels else None,
     )
-    spec = modelio.load_spec(config.model)  # fails fast, naming the URI, before any work
+    # The model is loaded and checked here, on the driver (weights-only, every tensor against the
+    # network of config.json), before the output is touched: a model that cannot load must not
+    # be found inside the actor after metrics.parquet of a finished output was deleted.
+    _, spec = loader(config.model, "cpu")
     num_classes = spec.unet.num_classes
+    record = run_record(config, modelio.fingerprint(config.model))
     _check_resources(config)
+    rerun = check_output(config, record)
+    # An input tree that yields nothing fails here, before anything is written.
+    listing = sources.list_inputs(config.images, config.labels, done_uris(config.output) if rerun else set(),
+                                  output=config.output)
     storage.check_writable(config.output)
+    if not rerun:
+        storage.write_bytes(storage.join(config.output, RUN_FILE), (json.dumps(record, indent=2) + "\n").encode())
     # From here on the output is incomplete until metrics.parquet is written again.
     storage.delete(storage.join(config.output, METRICS_FILE))
-
-    done = done_uris(config.output)
-    listing = sources.list_inputs(config.images, config.labels, done, exclude=(config.output,))
+    retried = drop_retryable_errors(config.output) if rerun else 0
+    if retried:
+        # Those inputs are not done any more: list again, with them.
+        listing = sources.list_inputs(config.images, config.labels, done_uris(config.output), output=config.output)
+    done = rerun
     skipped = listing.skipped + sum(len(i.done) for i in listing.inputs)
     print(
         f"infer: {config.images}: {listing.images} image files, {listing.archives} archives, {listing.others} other "
         f"files to process; {skipped} inputs already in {config.output}"
+        + (f" ({retried} earlier read errors tried again)" if retried else "")
         + (f"; {len(listing.labels)} labels in {config.labels}" if config.labels else ""),
         flush=True,
     )

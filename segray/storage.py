@@ -17,8 +17,10 @@ import functools
 import os
 import posixpath
 import re
+import stat
 import time
 import uuid
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -122,11 +124,16 @@ def join(uri: str, *parts: str) -> str:
 
 
 def relative(root: str, uri: str) -> str:
-    """The part of ``uri`` below ``root``, with ``/`` separators."""
-    root_s, uri_s = root.rstrip("/"), uri
-    if not uri_s.startswith(root_s):
+    """The part of ``uri`` below ``root``, exactly (one ``/`` separator removed, nothing else:
+    an S3 key ``prefix//x.png`` is ``/x.png`` below ``prefix``, not ``x.png``, another object).
+    ``""`` when ``uri`` is ``root`` itself."""
+    root_s = root.rstrip("/") if root.rstrip("/") else root
+    if uri == root_s or uri == root:
+        return ""
+    sep = "" if root_s.endswith("/") else "/"
+    if not uri.startswith(root_s + sep):
         raise ValueError(f"{uri} is not below {root}")
-    return uri_s[len(root_s):].lstrip("/").replace(os.sep, "/")
+    return uri[len(root_s) + len(sep):].replace(os.sep, "/")
 
 
 def exists(uri: str) -> bool:
@@ -151,7 +158,8 @@ def read_bytes(uri: str) -> bytes:
     try:
         for attempt in range(S3_MAX_ATTEMPTS):
             try:
-                with fs.open_input_stream(path) as f:
+                # compression=None: pyarrow would otherwise decompress by extension ("x.png.gz").
+                with fs.open_input_stream(path, compression=None) as f:
                     return f.read()
             except OSError as e:
                 if isinstance(e, FileNotFoundError) or _OVERFLOWED_ERROR_BODY not in str(e) \
@@ -198,7 +206,9 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def list_files(uri: str) -> list[str]:
-    """All files below ``uri`` (any depth), as URIs, sorted. Empty if the prefix does not exist."""
+    """All files below ``uri`` (any depth), as URIs, sorted. Empty if the prefix does not exist.
+
+    The datasets' own listing (prepare, train); inference lists with :func:`list_entries`."""
     fs, path = resolve(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -218,9 +228,167 @@ def list_files(uri: str) -> list[str]:
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     for entry in fs.get_file_info(selector):
         if entry.type == pafs.FileType.File:
-            rel = entry.path[len(path):].lstrip("/")
-            out.append(join(uri, rel))
+            # Exactly one separator off: "prefix//x.png" is "/x.png" below prefix, another object
+            # than "prefix/x.png" (and not joined with join(), which strips slashes).
+            rel = entry.path[len(path) + 1:]
+            out.append(f"{uri.rstrip('/')}/{rel}")
     return sorted(out)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object below a listed URI, named exactly.
+
+    ``rel``: its path below the listed URI as the store names it (S3: the key's tail, byte for
+    byte, ``.``, ``..`` and empty segments included; local: the path through the followed
+    folders, bytes that are not UTF-8 shown as ``\\xNN``); ``""`` when the URI is the object.
+    ``uri``: the listed URI + ``/`` + ``rel``. ``error``: why it cannot be read as a file (a
+    broken link, a link loop, a fifo, an unreadable folder, a name that is not UTF-8), else ``""``.
+    """
+
+    uri: str
+    rel: str
+    error: str = ""
+
+
+def list_entries(uri: str, prune: tuple[str, ...] = ()) -> list[Entry]:
+    """Every object below ``uri`` exactly once, sorted by URI; ``[]`` if nothing is there.
+
+    Unlike :func:`list_files`, names are exact (S3 keys are listed with boto3: pyarrow folds a
+    key ``a/`` into ``a``), local symlinked folders are followed (a link back to a folder being
+    walked is one error entry, not a loop), and what cannot be read as a file is an entry with
+    ``error`` instead of being left out. ``prune``: folders (URIs of the same store) whose files
+    are not listed, whichever way they are reached (the job's output, a nested label folder).
+    A zero-byte S3 key ending in ``/`` is a folder marker (what consoles create), not an object.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return _local_entries(uri, path, [resolve(p)[1] for p in prune if not is_s3(p)])
+    return _s3_entries(uri, path, [resolve(p)[1] for p in prune if is_s3(p)])
+
+
+# Why a local object is not a file, by its stat mode.
+_SPECIAL_FILES = {stat.S_ISFIFO: "a fifo", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+                  stat.S_ISBLK: "a block device"}
+
+
+def _local_entries(uri: str, path: str, prune: list[str]) -> list[Entry]:
+    try:
+        top = os.stat(path)
+    except OSError:
+        return []
+    if not stat.S_ISDIR(top.st_mode):
+        return [Entry(uri, "")] if stat.S_ISREG(top.st_mode) else [Entry(uri, "", _special(top.st_mode))]
+    pruned = set()
+    for p in prune:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        pruned.add((st.st_dev, st.st_ino))
+    base = uri.rstrip("/") if uri.rstrip("/") else uri
+    sep = "" if base.endswith("/") else "/"
+    out: list[Entry] = []
+
+    def entry(rel_raw: str, error: str = "") -> Entry:
+        rel = _display_name(rel_raw)
+        if not error and rel != rel_raw:
+            error = "the name is not valid UTF-8 (shown with \\x escapes); rename the file"
+        return Entry(f"{base}{sep}{rel}" if rel else uri, rel, error)
+
+    # Depth first with an explicit stack (no recursion limit); `ancestors` are the (dev, inode)
+    # of the folders on the way down, so that a link to one of them is reported, not followed.
+    stack: list[tuple[str, str, frozenset]] = [(path, "", frozenset({(top.st_dev, top.st_ino)}))]
+    while stack:
+        folder, rel_folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                found = list(it)
+        except OSError as e:
+            out.append(entry(rel_folder, f"cannot list this folder ({e.strerror or e}); check its permissions"))
+            continue
+        for de in found:
+            full, name = de.path, de.name
+            rel = f"{rel_folder}/{name}" if rel_folder else name
+            try:
+                if de.is_file(follow_symlinks=False):  # the common case, from the folder listing alone
+                    out.append(entry(rel))
+                    continue
+            except OSError:
+                pass
+            try:
+                st = os.stat(full)  # follows links
+            except OSError as e:
+                if os.path.islink(full):
+                    out.append(entry(rel, f"a broken symbolic link (to {_display_name(os.readlink(full))}); "
+                                          "remove it or restore its target"))
+                else:
+                    out.append(entry(rel, f"cannot read ({e.strerror or e})"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in pruned:
+                    continue
+                if key in ancestors:
+                    out.append(entry(rel, "a symbolic link to a folder that contains it (a loop); not followed"))
+                    continue
+                stack.append((full, rel, ancestors | {key}))
+            elif stat.S_ISREG(st.st_mode):
+                out.append(entry(rel))
+            else:
+                out.append(entry(rel, _special(st.st_mode)))
+    return sorted(out, key=lambda e: (e.uri, e.error != ""))
+
+
+def _special(mode: int) -> str:
+    what = next((name for test, name in _SPECIAL_FILES.items() if test(mode)), "not a regular file")
+    return f"{what}, not a file; remove it from the input folder"
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None, key_id: str | None):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS}, connect_timeout=10,
+                    read_timeout=60, s3={"addressing_style": "path"} if endpoint else None)
+    if endpoint and "://" not in endpoint:
+        endpoint = f"http://{endpoint}"
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region or ("us-east-1" if endpoint else None),
+                        config=config)
+
+
+def _s3_entries(uri: str, path: str, prune: list[str]) -> list[Entry]:
+    bucket, _, key = path.partition("/")
+    client = _s3_client(*_s3_settings())
+    from botocore.exceptions import ClientError
+
+    if key:
+        try:
+            client.head_object(Bucket=bucket, Key=key)
+            return [Entry(uri, "")]
+        except ClientError:
+            pass  # not an object (or not allowed to look): list it as a prefix
+    prefix = f"{key}/" if key else ""
+    pruned = [p.partition("/")[2] for p in prune if p.partition("/")[0] == bucket]
+    base = f"{S3_SCHEME}{path}"
+    out: list[Entry] = []
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                k = obj["Key"]
+                if k.endswith("/") and obj.get("Size", 0) == 0:
+                    continue  # a folder marker
+                if any(k.startswith(p + "/") for p in pruned):
+                    continue
+                out.append(Entry(f"{base}/{k[len(prefix):]}", k[len(prefix):]))
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return []
+        raise StorageError(f"{uri}: cannot list ({code or _first_line(e)}); check the bucket and credentials") from e
+    return sorted(out, key=lambda e: e.uri)
 
 
 def delete(uri: str) -> None:
@@ -234,7 +402,12 @@ def delete(uri: str) -> None:
 
 
 def ensure_dir(uri: str) -> None:
+    """Create a local folder and its parents. On S3 nothing is written: a prefix needs no folder,
+    and pyarrow's create_dir would put a zero-byte ``key/`` marker at every level above it, that
+    is, objects outside the job's output (a bucket that does not exist shows at the first write)."""
     fs, path = resolve(uri)
+    if is_s3(uri):
+        return
     fs.create_dir(path, recursive=True)
 
 
@@ -248,6 +421,15 @@ def check_writable(uri: str) -> None:
     except StorageError:
         raise
     except Exception as e:  # noqa: BLE001 - any failure means "not writable"; say why
+        if is_s3(uri):
+            bucket = uri[len(S3_SCHEME):].split("/", 1)[0]
+            try:
+                missing = resolve(S3_SCHEME + bucket)[0].get_file_info(bucket).type == pafs.FileType.NotFound
+            except Exception:  # noqa: BLE001 - cannot tell; the general message below stands
+                missing = False
+            if missing:
+                raise StorageError(f"{uri}: bucket {bucket!r} does not exist; create it first (segray never creates "
+                                   "buckets)") from e
         raise StorageError(f"{uri}: not writable ({_first_line(e)}); check the path, bucket and credentials") from e
 
 

@@ -156,7 +156,7 @@ def test_postprocess_brings_masks_back_to_the_frame_size_and_counts_against_labe
         assert mask.shape == (h, w) == (row["height"], row["width"])
         assert mask.max() < NUM_CLASSES
         assert row["class_pixel_counts"] == np.bincount(mask.ravel(), minlength=NUM_CLASSES).tolist()
-        colour_mask = np.asarray(Image.open(tmp_path / "out" / "masks" / (name.rsplit(".", 1)[0] + ".png")))
+        colour_mask = np.asarray(Image.open(tmp_path / "out" / "masks" / (name + ".png")))
         assert np.array_equal(colour_mask, np.array(PALETTE, np.uint8)[mask])
     # With a label (index or colour): its confusion counts, computed here with numpy.
     for name in ("rgb.png", "gray.png"):
@@ -218,9 +218,16 @@ def test_metrics_table_reads_every_ratio_from_the_summed_matrix():
     assert unlabelled[-1]["miou"] is None and unlabelled[-1]["pixel_accuracy"] is None and unlabelled[-1]["images"] == 2
 
 
-def test_mask_uri_mirrors_the_input_path():
-    assert infer.mask_uri("s3://b/out", "s3://b/img", "s3://b/img/a/X.jpg") == "s3://b/out/masks/a/X.png"
-    assert infer.mask_uri("/o", "/i", "/i/s/A.tar/m/X.png") == "/o/masks/s/A.tar/m/X.png"
+def test_mask_uri_mirrors_the_input_path_and_keeps_its_extension():
+    assert infer.mask_uri("s3://b/out", "s3://b/img", "s3://b/img/a/X.jpg") == "s3://b/out/masks/a/X.jpg.png"
+    assert infer.mask_uri("/o", "/i", "/i/s/A.tar/m/X.png") == "/o/masks/s/A.tar/m/X.png.png"
+    assert infer.mask_uri("/o", "/i", "/i/X.png") != infer.mask_uri("/o", "/i", "/i/X.jpg")
+
+
+@pytest.mark.parametrize("rel", ["a/../../x.png", "../x.png", "a//b.png", "./a.png", "/abs.png"])
+def test_mask_uri_never_leaves_the_output(rel):
+    with pytest.raises(ValueError):
+        infer.mask_uri("s3://b/out", "s3://b/img", f"s3://b/img/{rel}")
 
 
 def test_config_is_checked():

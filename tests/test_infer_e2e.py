@@ -203,8 +203,8 @@ def test_infer_predicts_every_frame_and_scores_it(collection, run_job):
     proc = run_job("infer", *args, check=True)
     assert "frames/s" in proc.stdout and "mIoU" in proc.stdout
     check_output(out, c)
-    assert storage.exists(f"{out}/masks/street/a/f1.png")  # the JPEG's colour mask
-    mask = Image.open(io.BytesIO(storage.read_bytes(f"{out}/masks/archives/seq1.tar/sub/f7.png")))
+    assert storage.exists(f"{out}/masks/street/a/f1.jpg.png")  # the JPEG's colour mask
+    mask = Image.open(io.BytesIO(storage.read_bytes(f"{out}/masks/archives/seq1.tar/sub/f7.png.png")))
     assert mask.mode == "RGB" and mask.size == (MODEL_SIZE[1], MODEL_SIZE[0])
 
     # An interrupted run: part files lost, metrics never written. The rerun fills exactly the gap.

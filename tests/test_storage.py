@@ -60,9 +60,105 @@ def test_s3_roundtrip_against_moto_server(s3_prefix):
 
 
 def test_unwritable_destinations_name_the_uri(s3_server, tmp_path):
-    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-here/x: not writable"):
+    with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-here/x: bucket 'no-such-bucket-here' does not exist"):
         storage.check_writable("s3://no-such-bucket-here/x")
     ro = tmp_path / "ro"
     ro.write_text("a file, not a folder")
     with pytest.raises(storage.StorageError, match="not writable"):
         storage.check_writable(str(ro / "sub"))
+
+
+def test_relative_is_exact():
+    assert storage.relative("s3://b/p", "s3://b/p//x.png") == "/x.png"  # another object than p/x.png
+    assert storage.relative("s3://b/p/", "s3://b/p/a/../x.png") == "a/../x.png"
+    assert storage.relative("s3://b/p", "s3://b/p") == ""
+    assert storage.relative("/", "/x/y") == "x/y"
+    with pytest.raises(ValueError):
+        storage.relative("s3://b/p", "s3://b/pq/x.png")  # a sibling prefix, not below
+
+
+def test_read_bytes_never_decompresses_by_extension(tmp_path):
+    import gzip
+
+    uri = str(tmp_path / "x.png.gz")
+    data = gzip.compress(b"payload")
+    storage.write_bytes(uri, data)
+    assert storage.read_bytes(uri) == data  # pyarrow's default would hand back b"payload"
+
+
+def test_s3_listings_keep_keys_exactly(s3_prefix):
+    import boto3
+
+    bucket, prefix = s3_prefix[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3")
+    keys = ["x.png", "a//x.png", "/x.png", "a/../x.png", "a/./x.png", "b.png/", "c\x01.png", "out/m.png", "outer.png"]
+    for key in keys + ["folder/"]:
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=b"" if key == "folder/" else key.encode())
+    entries = storage.list_entries(s3_prefix)
+    assert [e.rel for e in entries] == sorted(keys)  # the zero-byte folder/ marker is no object
+    assert all(e.uri == f"{s3_prefix}/{e.rel}" and not e.error for e in entries)
+    assert "out/m.png" not in [e.rel for e in storage.list_entries(s3_prefix, prune=(f"{s3_prefix}/out",))]
+    assert "outer.png" in [e.rel for e in storage.list_entries(s3_prefix, prune=(f"{s3_prefix}/out",))]
+    # pyarrow's listing (list_files) no longer takes the key "<prefix>//x.png" for "<prefix>/x.png".
+    assert f"{s3_prefix}//x.png" in storage.list_files(s3_prefix)
+    assert storage.list_entries(f"{s3_prefix}/x.png") == [storage.Entry(f"{s3_prefix}/x.png", "")]
+    assert storage.list_entries(f"s3://{bucket}/no-such-prefix") == []
+    assert storage.list_entries("s3://no-such-bucket-anywhere/p") == []
+
+
+def test_local_listing_follows_folder_links_and_reports_what_is_not_a_file(tmp_path):
+    root, other = tmp_path / "root", tmp_path / "other"
+    (root / "d").mkdir(parents=True)
+    (other / "e").mkdir(parents=True)
+    (root / "d" / "a.png").write_bytes(b"a")
+    (other / "e" / "b.png").write_bytes(b"b")
+    (root / "link").symlink_to(other)
+    (root / "d" / "up").symlink_to(root)  # a loop
+    (root / "gone.png").symlink_to(tmp_path / "missing")
+    (root / "self").symlink_to(root / "self")  # a link to itself
+    os.mkfifo(root / "fifo")
+    with open(os.fsencode(root) + b"/caf\xe9.png", "wb") as f:
+        f.write(b"x")
+    entries = {e.rel: e for e in storage.list_entries(str(root))}
+    assert set(entries) == {"d/a.png", "link/e/b.png", "d/up", "gone.png", "self", "fifo", "caf\\xe9.png"}
+    assert not entries["d/a.png"].error and not entries["link/e/b.png"].error
+    assert "loop" in entries["d/up"].error and "broken symbolic link" in entries["gone.png"].error
+    assert "fifo" in entries["fifo"].error and "not valid UTF-8" in entries["caf\\xe9.png"].error
+    assert entries["self"].error
+    assert all(e.uri == f"{root}/{e.rel}" for e in entries.values())
+    pruned = {e.rel for e in storage.list_entries(str(root), prune=(str(other),))}  # reached only through a link
+    assert "link/e/b.png" not in pruned and "d/a.png" in pruned
+    assert storage.list_entries(str(root / "d" / "a.png")) == [storage.Entry(str(root / "d" / "a.png"), "")]
+    assert storage.list_entries(str(tmp_path / "nothing")) == []
+
+
+def test_an_unreadable_folder_is_an_entry_not_a_gap(tmp_path, monkeypatch):
+    (tmp_path / "r" / "locked").mkdir(parents=True)
+    (tmp_path / "r" / "a.png").write_bytes(b"a")
+    real = os.scandir
+
+    def scandir(path):  # what a folder without read permission does (root reads any folder)
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    entries = storage.list_entries(str(tmp_path / "r"))
+    assert [e.rel for e in entries] == ["a.png", "locked"] and "cannot list this folder" in entries[1].error
+
+
+def test_check_writable_names_a_missing_bucket_and_writes_no_folder_markers(s3_server, s3_prefix):
+    """segray's own message, not pyarrow's "enable the allow_bucket_creation option"; and a
+    writable prefix gets no zero-byte ``key/`` objects at the levels above it."""
+    import boto3
+
+    from segray.errors import one_line
+
+    with pytest.raises(storage.StorageError) as err:
+        storage.check_writable("s3://no-such-bucket-here/out")
+    assert one_line(err.value).startswith("StorageError: s3://no-such-bucket-here/out: bucket 'no-such-bucket-here' "
+                                          "does not exist; create it")
+    storage.check_writable(f"{s3_prefix}/a/b/out")
+    bucket, prefix = s3_prefix[len("s3://"):].split("/", 1)
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    assert all(k.startswith(f"{prefix}/a/b/out") for k in keys), keys

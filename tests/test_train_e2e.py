@@ -171,7 +171,7 @@ def test_bad_inputs_fail_before_any_worker_starts(prepared, run_job):
     fails_fast(run_job("train", "--data", data, "--storage", "ftp://host/runs", "--name", "x", *common),
                "unsupported scheme 'ftp'")
     fails_fast(run_job("train", "--data", data, "--storage", "s3://no-such-bucket-segray/runs", "--name", "x",
-                       *common), "Bucket 'no-such-bucket-segray' not found")
+                       *common), "bucket 'no-such-bucket-segray' does not exist")
 
 
 def test_help():
