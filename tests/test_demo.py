@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import REPO
 
@@ -48,8 +49,15 @@ def test_demo_runs_end_to_end_and_reports_metrics_parquet(run_job, tmp_path):
             assert f"{r['class_name']}</td><td>{r['iou']:.3f}</td>" in page
 
 
-    # The generated scenes as a --camvid source, in the same workdir: its own run, prepared data and
-    # outputs; it neither resumes nor touches the synthetic run (which trained 2 epochs at 32x48).
+@pytest.mark.slow
+def test_demo_on_another_source_in_the_same_workdir_gets_its_own_run(run_job, tmp_path):
+    """The generated scenes as a --camvid source, in the same workdir: its own run, prepared data and
+    outputs; it neither resumes nor touches the synthetic run (which trained 2 epochs at 32x48).
+    Slow (two whole demos); test_demo_run_names_differ_per_data_source_and_recipe checks the names."""
+    work = tmp_path / "demo"
+    proc = run_job("demo", "--workdir", str(work), *DEMO_ARGS)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    name = re.search(r"demo: run (demo-synthetic-[0-9a-f]{8}) ", proc.stdout).group(1)
     synthetic = (work / "runs" / name / "metrics.json").read_bytes()
     camvid = run_job("demo", "--workdir", str(work), "--camvid", str(work / "sources" / name), *DEMO_ARGS[4:])
     assert camvid.returncode == 0, camvid.stdout[-3000:] + camvid.stderr[-3000:]
