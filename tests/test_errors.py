@@ -63,3 +63,13 @@ def test_never_a_bare_class_and_never_cut_mid_word():
 def test_builtin_errors_keep_their_whole_message(exc):
     line = one_line(exc)
     assert line.startswith(type(exc).__name__ + ": ") and str(exc).split()[-1] in line
+
+
+def test_a_wrapper_line_in_the_traceback_text_is_never_the_answer():
+    text = (
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+        "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+        "ValueError: /data/in/x.png: the real cause\n"
+    )
+    err = RayTaskError("MapBatches(postprocess)", text, UserCodeException("UDF failed to process a data block."))
+    assert one_line(err) == "ValueError: /data/in/x.png: the real cause"

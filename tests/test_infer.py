@@ -299,3 +299,14 @@ def test_replicas_must_leave_a_whole_cpu_for_decoding(monkeypatch):
     infer._check_resources(infer.InferConfig(model="m", images="i", output="o"))  # 1 for the replica, 1 left
     with pytest.raises(infer.InferError, match="lower --num-replicas or --cpus-per-replica"):
         infer._check_resources(infer.InferConfig(model="m", images="i", output="o", num_replicas=2))
+
+
+@pytest.mark.parametrize("uri, ok", [
+    ("s3://b/out/masks/a/X.png.png", True), ("/o/masks/a.png", True), ("s3://b/out/masks/../x.png", False),
+    ("/o/masks/a/../../x.png", False), ("/o/masks//a.png", False), ("/o/masks/./a.png", False), ("/o/masks", False),
+    ("/o/masksx/a.png", False),
+])
+def test_the_last_check_before_a_mask_write(uri, ok):
+    """mask_uri's own check (behind sources.mask_rel's): the joined path lies plainly below masks/."""
+    root = "s3://b/out/masks" if uri.startswith("s3://") else "/o/masks"
+    assert infer._lies_below(uri, root) is ok
