@@ -30,7 +30,7 @@ from segray.infer import (
     parquet_files,
 )
 from segray.preprocess import decode_image, decode_index_label
-from segray.report import Example, write_report
+from segray.report import GENERATOR_TAG, REPORT_FILE, Example, write_report
 
 # Small, often occluded classes whose IoU hides how many objects are missed (the CamVid weak spot).
 SMALL_CLASSES: tuple[int, ...] = (2, 6, 9, 10)  # Pole, SignSymbol, Pedestrian, Bicyclist
@@ -160,10 +160,27 @@ def _read_example(row: dict) -> Example | None:
     return Example(row[COL_URI].rsplit("/", 1)[-1], image, pred, label, row.get(COL_ACCURACY))
 
 
+class EvaluateError(ValueError):
+    """The report cannot be written as asked; the message names the URI and the fix."""
+
+
+def check_dest(dest: str) -> None:
+    """A report rewrites ``index.html``, ``confusion.png`` and ``frame_*.png`` in ``dest``: refuse a
+    ``dest`` that holds files but no earlier segray report, so that nobody's page is overwritten."""
+    files = storage.list_files(dest)
+    if not files:
+        return
+    index = storage.join(dest, REPORT_FILE)
+    if index not in files or GENERATOR_TAG.encode() not in storage.read_bytes(index):
+        raise EvaluateError(f"--dest {dest} holds {len(files)} files (e.g. {files[0]}) and no earlier segray report; "
+                            "choose an empty or new --dest")
+
+
 def build_report(output: str, dest: str, run: str | None = None, title: str = "segray report",
                  examples: int = 6, small_object_frames: int = 200) -> str:
     """Write the report of infer ``output`` (with labels) to ``dest``; returns the page URI."""
     output, dest = storage.normalize(output), storage.normalize(dest)
+    check_dest(dest)
     if not storage.exists(storage.join(output, METRICS_FILE)):
         raise FileNotFoundError(f"{output}: no {METRICS_FILE}; run jobs/infer.py with --labels to this output first")
     cm = summed_confusion(output)

@@ -17,6 +17,8 @@ from segray.preprocess import encode_png
 from segray.visualize import confusion_image, overlay, side_by_side, svg_lines
 
 REPORT_FILE = "index.html"
+# Marks a page as segray's: evaluate rewrites a --dest only when it holds such a page (or nothing).
+GENERATOR_TAG = "<meta name='generator' content='segray report'>"
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def write_report(
         legend = " ".join(f"{_swatch(palette[i])}{html.escape(n)}" for i, n in enumerate(class_names))
         body.append(f"<p class='legend'>{legend}</p>")
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<!doctype html><html><head><meta charset='utf-8'>{GENERATOR_TAG}"
         f"<title>{html.escape(title)}</title><style>"
         "body{font-family:sans-serif;margin:24px;max-width:1200px}"
         "table{border-collapse:collapse;margin:8px 16px 8px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}"

@@ -260,6 +260,13 @@ def test_frames_and_colour_labels_in_one_folder(run_job, models, tmp_path):
     report = run_job("evaluate", "--predictions", str(output), "--dest", str(tmp_path / "report"))
     assert report.returncode == 0, report.stderr[-3000:]
     assert (tmp_path / "report" / "index.html").exists()
+    again = run_job("evaluate", "--predictions", str(output), "--dest", str(tmp_path / "report"))
+    assert again.returncode == 0, again.stderr[-3000:]  # its own earlier report is replaced
+    # A folder with someone's page in it is not overwritten.
+    write(tmp_path / "site" / "index.html", b"<html>my page</html>")
+    foreign = run_job("evaluate", "--predictions", str(output), "--dest", str(tmp_path / "site"))
+    assert foreign.returncode != 0 and "--dest" in last_line(foreign), last_line(foreign)
+    assert tree(tmp_path / "site") == {"index.html": b"<html>my page</html>"}
 
 
 def png_of(arr: np.ndarray) -> bytes:
