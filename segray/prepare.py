@@ -140,14 +140,30 @@ def process_pair(
     return resize_image(image, size), resize_label(label, size), unmapped
 
 
+def _name_problem(source: str, pair) -> str:
+    """Why a pair's file names cannot be read as listed (``a/../b.png``: the store would serve another
+    key's bytes), or ''. Such a pair is a bad pair: named, and left out with --skip-bad."""
+    from segray.sources import name_problem
+
+    for uri in (pair.image, pair.label):
+        problem = name_problem(storage.relative(source, uri))
+        if problem:
+            return f"{uri}: {problem}; rename the object"
+    return ""
+
+
 def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None) -> pa.Table:
     lookup = color_lookup(colors) if colors else None
     h, w = size
     rows: dict[str, list] = {k: [] for k in (*SCHEMA.names, _COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED)}
-    for split, name, image_uri, label_uri in zip(batch["split"], batch["name"], batch["image"], batch["label"]):
+    problems = batch.get("problem", [""] * len(batch["name"]))
+    for split, name, image_uri, label_uri, problem in zip(batch["split"], batch["name"], batch["image"], batch["label"],
+                                                          problems):
         error, image, label, unmapped = "", b"", b"", 0
         counts = [0] * (NUM_CLASSES + 1)
         try:
+            if problem:
+                raise BadInputError(problem)
             img, lab, unmapped = process_pair(
                 storage.read_bytes(image_uri), storage.read_bytes(label_uri), image_uri, label_uri, size, lookup
             )
@@ -360,7 +376,8 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
         print(f"prepare: ignored {layout.ignored_files} files that are not PNG/JPEG images", flush=True)
     storage.check_writable(config.dest)  # writes and deletes only its own probe
 
-    items = [{"split": p.split, "name": p.name, "image": p.image, "label": p.label} for p in layout.pairs]
+    items = [{"split": p.split, "name": p.name, "image": p.image, "label": p.label,
+              "problem": _name_problem(config.source, p)} for p in layout.pairs]
     colors = layout.label_colors if layout.kind == ORIGINAL else None
     num_blocks = max(1, min(len(items) // PAIRS_PER_BATCH, 512))
     ds = ray.data.from_items(items, override_num_blocks=num_blocks).map_batches(

@@ -349,7 +349,9 @@ def list_inputs(
         label_entries = storage.list_entries(labels)
         if not label_entries:
             raise SourceError(f"{labels}: no files found; expected label PNGs paired with the images by path")
-        label_index = index_labels(labels, [e.uri for e in label_entries if not e.error])
+        # A label whose name the store resolves differently (``a/../b.png``) is never read: its
+        # bytes could be another key's.
+        label_index = index_labels(labels, [e.uri for e in label_entries if not e.error and not name_problem(e.rel)])
         if not label_index:
             raise SourceError(f"{labels}: no .png label files among {len(label_entries)} files")
         if labels in prune:

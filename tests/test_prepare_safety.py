@@ -257,3 +257,23 @@ def test_a_pair_that_raises_anything_is_that_pairs_error_not_the_jobs(tmp_path):
     out = _process_batch({"split": ["train"], "name": ["f"], "image": [str(image)], "label": [str(label)]},
                          size=(8, 8), colors=None).to_pylist()
     assert len(out) == 1 and str(label) in out[0]["error"] and "ValueError" in out[0]["error"]
+
+
+def test_a_pair_with_a_dot_segment_key_is_a_bad_pair_never_read(s3_server, s3_prefix):
+    """``train/x/../f.png`` would be served as another key's bytes: the pair is bad (named, skippable)."""
+    import boto3
+
+    from segray import storage as _storage
+    from segray.layout import detect
+    from segray.prepare import _name_problem
+
+    s3 = boto3.client("s3")
+    bucket, prefix = s3_prefix[len("s3://"):].split("/", 1)
+    for key in ("train/f.png", "trainannot/f.png", "train/x/../g.png", "trainannot/x/../g.png"):
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=b"png")
+    layout = detect(s3_prefix)
+    verdict = {p.image[len(s3_prefix) + 1:]: _name_problem(s3_prefix, p) for p in layout.pairs}
+    assert verdict["train/f.png"] == ""
+    assert "rename the object" in verdict["train/x/../g.png"] and f"{s3_prefix}/train/x/../g.png" in verdict[
+        "train/x/../g.png"]
+    assert _storage.relative(s3_prefix, f"{s3_prefix}/train/x/../g.png") == "train/x/../g.png"
