@@ -22,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
         "frame's size, class pixel counts, and with --labels confusion counts), <output>/errors/ (one row per "
         "input that could not be used) and <output>/metrics.parquet (IoU per class, mIoU, pixel accuracy).",
         epilog="URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment. "
-        "Rerunning the same command over the same --output skips the inputs already there, so an interrupted "
-        "run is completed without duplicates; to start over, delete the output.",
+        "Rerunning the same command over the same --output skips the inputs already there (inputs whose reading "
+        "failed are tried again), so an interrupted run is completed without duplicates; a rerun with another "
+        "model, --images or --labels is refused (<output>/infer.json records them): to start over, delete the "
+        "output or choose another. Every input that cannot be used is a row of <output>/errors/, never the end "
+        "of the job.",
     )
     parser.add_argument("--model", required=True, help="a training run (<storage>/<name>) or its model/ folder")
     parser.add_argument("--images", required=True, help="prefix of frames: image files and/or .tar archives")

@@ -906,7 +906,8 @@ def check_output(config: InferConfig, record: dict) -> bool:
         if others:
             raise InferError(
                 f"--output {config.output} holds {len(others)} files (e.g. {others[0]}) but no {RUN_FILE}: it is not "
-                "the output of a segray infer run; choose an empty or new --output"
+                "the output of a segray infer run (or one written before outputs recorded their model); choose an "
+                "empty or new --output"
             )
         return False
     try:
