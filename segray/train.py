@@ -1064,6 +1064,22 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
     return TrainResult(config.run_uri, model_uri, history, best["epoch"], best, len(history) - done_before, elapsed)
 
 
+def _check_run_folder(config: TrainConfig) -> None:
+    """The run folder is new, or an earlier segray run (``run.json``, or Ray Train's snapshot of a
+    run from before run.json): export writes ``model/`` and ``metrics.json`` there, and nobody's
+    files of those names may be overwritten."""
+    files = [f for f in storage.list_files(config.run_uri) if ".segray-write-probe-" not in f]
+    if not files:
+        return
+    tops = {storage.relative(config.run_uri, f).split("/", 1)[0] for f in files}
+    if RUN_FILE in tops or "checkpoint_manager_snapshot.json" in tops:
+        return
+    raise TrainError(
+        f"{config.run_uri} holds {len(files)} files (e.g. {files[0]}) but no segray training run ({RUN_FILE}); "
+        "training would write model/ and metrics.json there: choose another --name or --storage"
+    )
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Train (or resume) the run ``<storage>/<name>`` and export its best model.
 
@@ -1074,6 +1090,7 @@ def train(config: TrainConfig) -> TrainResult:
     start = time.perf_counter()
     config = dataclasses.replace(config, data=storage.normalize(config.data), storage=storage.normalize(config.storage))
     info = _check_dataset(config)
+    _check_run_folder(config)
     storage.check_writable(config.run_uri)
     init_ray(gpu=config.use_gpu)
     _check_cluster(config)

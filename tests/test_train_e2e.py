@@ -172,6 +172,11 @@ def test_bad_inputs_fail_before_any_worker_starts(prepared, run_job):
                "unsupported scheme 'ftp'")
     fails_fast(run_job("train", "--data", data, "--storage", "s3://no-such-bucket-segray/runs", "--name", "x",
                        *common), "bucket 'no-such-bucket-segray' does not exist")
+    # A run folder that holds someone's files (export would overwrite metrics.json and model/).
+    storage.write_bytes(f"{runs}/mine/metrics.json", b"{}")
+    fails_fast(run_job("train", "--data", data, "--storage", runs, "--name", "mine", *common),
+               f"{runs}/mine holds 1 files (e.g. {runs}/mine/metrics.json) but no segray training run (run.json)")
+    assert storage.read_bytes(f"{runs}/mine/metrics.json") == b"{}"
 
 
 def test_help():
