@@ -891,6 +891,9 @@ def run_record(config: InferConfig, model_sha256: str) -> dict:
         "model_sha256": model_sha256,
         "images": config.images,
         "labels": config.labels,
+        # Masks are written with the rows: a rerun that adds --write-masks would leave the frames
+        # of the earlier run without one, silently.
+        "write_masks": config.write_masks,
     }
 
 
@@ -920,13 +923,18 @@ def check_output(config: InferConfig, record: dict) -> bool:
         ("model_sha256", "--model", "the model (sha256 of its model.pt and config.json)"),
         ("images", "--images", "--images"),
         ("labels", "--labels", "--labels"),
+        ("write_masks", "--write-masks", "--write-masks"),
     )
     for key, flag, what in checks:
-        if earlier.get(key) != record[key]:
+        if earlier.get(key, False if key == "write_masks" else None) != record[key]:
             before, now = earlier.get(key), record[key]
             if key == "model_sha256":
                 before = f"{earlier.get('model')} (sha256 {str(before)[:12]})"
                 now = f"{record['model']} (sha256 {str(now)[:12]})"
+            if key == "write_masks":
+                raise InferError(f"--output {config.output} was made {'with' if before else 'without'} --write-masks, "
+                                 f"this run is {'with' if now else 'without'}: some frames would have masks and "
+                                 f"others not; {start_over}")
             raise InferError(
                 f"--output {config.output} was made with {what} {before or 'none'}, this run has {flag} "
                 f"{now or 'none'}; {start_over}"

@@ -214,6 +214,8 @@ def test_an_output_is_never_mixed_and_a_bad_model_touches_nothing(run_job, model
     labelled = run_job("infer", "--model", models[0], "--images", str(images), "--labels", str(tmp_path / "labels"),
                        "--output", str(output))
     assert labelled.returncode != 0 and "--labels" in last_line(labelled), last_line(labelled)
+    masks = run_job("infer", "--model", models[0], "--images", str(images), "--output", str(output), "--write-masks")
+    assert masks.returncode != 0 and "without --write-masks" in last_line(masks), last_line(masks)
     assert tree(output) == before  # not a byte changed, metrics.parquet still there
 
     broken = tmp_path / "broken"
