@@ -79,6 +79,12 @@ def _message(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of this one exception, on one line (for an error row or a wrapped message)."""
+    message = _message(exc)
+    return f"{_name(exc)}: {message}" if message else _name(exc)
+
+
 def _from_tracebacks(exceptions: list[BaseException]) -> tuple[str, str] | None:
     """(class, message) of the deepest non-wrapper exception line in Ray's traceback texts,
     preferring segray's own (``segray.x.FooError: ...``)."""

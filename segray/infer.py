@@ -77,6 +77,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segray import modelio, sources, storage
+from segray.errors import describe
 from segray.camvid import ORIGINAL_COLORS, ORIGINAL_TO_11, parse_label_colors
 from segray.layout import LABEL_COLORS_FILE, is_image
 from segray.metrics import confusion_matrix_np, iou_per_class, mean_iou, pixel_accuracy
@@ -298,19 +299,8 @@ def listing_tables(listing: sources.Listing) -> list[pa.Table]:
     ]
 
 
-def _text(s: str) -> str:
-    """Valid UTF-8 text (Parquet strings): undecodable bytes carried as surrogates -> ``\\xNN``."""
-    return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _error(uri: str, stage: str, message: str) -> dict:
-    return {COL_URI: _text(uri), COL_STAGE: stage, COL_MESSAGE: _text(message)}
-
-
-def _reason(e: BaseException) -> str:
-    """An unexpected exception as ``Type: message`` on one line, for an error row."""
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return {COL_URI: storage.printable(uri), COL_STAGE: stage, COL_MESSAGE: storage.printable(message)}
 
 
 def load_frame(data: bytes, uri: str, size: tuple[int, int]) -> tuple[np.ndarray, int, int]:
@@ -332,10 +322,10 @@ def _frame_row(data: bytes, uri: str, size: tuple[int, int], label: sources.Labe
     except BadInputError as e:
         return _error(uri, STAGE_DECODE, str(e))
     except Exception as e:  # noqa: BLE001 - whatever one frame does, it is that frame's error row
-        return _error(uri, STAGE_DECODE, f"{uri}: cannot be decoded ({_reason(e)})")
+        return _error(uri, STAGE_DECODE, f"{uri}: cannot be decoded ({describe(e)})")
     return {
-        COL_URI: _text(uri),
-        COL_LABEL_URI: _text(label.uri) if label else None,
+        COL_URI: storage.printable(uri),
+        COL_LABEL_URI: storage.printable(label.uri) if label else None,
         _COL_LABEL_KIND: label.kind if label else None,
         COL_HEIGHT: height,
         COL_WIDTH: width,
@@ -361,16 +351,16 @@ def _archive_rows(archive_uri: str, images_root: str, done: frozenset[str], take
                     label = sources.label_for_member(archive_rel, member.path, labels) if labels else None
                     yield _frame_row(member.data, uri, size, label)
             except Exception as e:  # noqa: BLE001 - one member's failure is that member's row
-                yield _error(uri, STAGE_DECODE, f"{uri}: {_reason(e)}")
+                yield _error(uri, STAGE_DECODE, f"{uri}: {describe(e)}")
     except (FileNotFoundError, storage.StorageError) as e:
         if archive_uri not in done:
-            yield _error(archive_uri, STAGE_READ, f"{archive_uri}: cannot be read ({_reason(e)})")
+            yield _error(archive_uri, STAGE_READ, f"{archive_uri}: cannot be read ({describe(e)})")
     except sources.ArchiveError as e:
         if archive_uri not in done:
             yield _error(archive_uri, STAGE_ARCHIVE, f"{e}; the members before the damage were processed")
     except Exception as e:  # noqa: BLE001 - whatever else the stream raises: the archive's row
         if archive_uri not in done:
-            yield _error(archive_uri, STAGE_ARCHIVE, f"{archive_uri}: broken archive ({_reason(e)}); "
+            yield _error(archive_uri, STAGE_ARCHIVE, f"{archive_uri}: broken archive ({describe(e)}); "
                          "the members before the damage were processed")
 
 
@@ -396,7 +386,7 @@ def load_frames(
                 data = storage.read_bytes(uri)
             except Exception as e:  # noqa: BLE001 - unreadable now; a rerun tries it again
                 produced = [_error(uri, STAGE_READ, str(e) if isinstance(e, storage.StorageError)
-                                   else f"{uri}: cannot be read ({_reason(e)})")]
+                                   else f"{uri}: cannot be read ({describe(e)})")]
             else:
                 produced = [_frame_row(data, uri, size, label)]
         else:
@@ -573,7 +563,7 @@ def _result_row(item: dict, model_size: tuple[int, int], num_classes: int, void_
         except (BadInputError, storage.StorageError) as e:
             return _error(uri, STAGE_LABEL, str(e))
         except Exception as e:  # noqa: BLE001 - a label PIL cannot convert, a truncated PNG, ...
-            return _error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: cannot be used as a label ({_reason(e)})")
+            return _error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: cannot be used as a label ({describe(e)})")
         if label.shape != size:
             return _error(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: label is {label.shape[1]}x{label.shape[0]} "
                           f"but the frame is {size[1]}x{size[0]}; they must be the same size")
@@ -583,7 +573,7 @@ def _result_row(item: dict, model_size: tuple[int, int], num_classes: int, void_
         try:
             storage.write_bytes(mask_uri(output, images_root, uri), encode_png(colorize(result.mask, palette)))
         except Exception as e:  # noqa: BLE001 - a name the store refuses, a folder in the way, ...
-            return _error(uri, STAGE_WRITE, f"{uri}: its mask could not be written ({_reason(e)}); rename the input")
+            return _error(uri, STAGE_WRITE, f"{uri}: its mask could not be written ({describe(e)}); rename the input")
     return {
         COL_URI: uri,
         COL_HEIGHT: size[0],
@@ -619,7 +609,7 @@ def postprocess(
             rows.append(_result_row(item, (h, w), num_classes, void_index, color_table, palette, images_root,
                                     output, write_masks))
         except Exception as e:  # noqa: BLE001 - one frame's failure is that frame's row, never the job's
-            rows.append(_error(uri, STAGE_POSTPROCESS, f"{uri}: {_reason(e)}"))
+            rows.append(_error(uri, STAGE_POSTPROCESS, f"{uri}: {describe(e)}"))
     return pa.Table.from_pylist(rows, schema=_RESULTS_SCHEMA)
 
 

@@ -54,6 +54,7 @@ import pyarrow.fs as pafs
 from PIL import Image
 
 from segray import storage
+from segray.errors import describe
 from segray.camvid import NUM_CLASSES, VOID_INDEX
 from segray.dataset import (
     COL_HEIGHT,
@@ -172,8 +173,7 @@ def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None) -> 
         except (BadInputError, storage.StorageError) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - a mode PIL cannot convert, ...: that pair's error, not the job's
-            detail = " ".join(str(e).split())
-            error = f"{image_uri} / {label_uri}: cannot be used ({type(e).__name__}: {detail})"
+            error = f"{image_uri} / {label_uri}: cannot be used ({describe(e)})"
         for k, v in (
             (COL_NAME, str(name)),
             (COL_IMAGE, image),

@@ -197,16 +197,6 @@ def clean_member_name(name: str) -> str | None:
     return path
 
 
-def _text(name: str) -> str:
-    """A name as Python decoded it (bytes that are not UTF-8 as surrogates) -> valid UTF-8
-    text, those bytes shown as ``\\xNN`` (as local file names are, storage._display_name)."""
-    try:
-        raw = name.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = name.encode("utf-8", "surrogatepass")
-    return raw.decode("utf-8", "backslashreplace")
-
-
 def name_problem(rel: str) -> str:
     """Why the relative path ``rel`` cannot name an input, or ``""``.
 
@@ -218,7 +208,7 @@ def name_problem(rel: str) -> str:
         return "an empty name"
     if "\0" in rel:
         return "the name holds a NUL character"
-    if _text(rel) != rel:
+    if storage.printable(rel) != rel:
         return "the name is not valid UTF-8"
     if rel.startswith("/"):
         return "the name starts with '/' (an empty folder name)"
@@ -539,9 +529,9 @@ def _member_problem(info: tarfile.TarInfo) -> str:
     if info.isfile():
         return ""
     if info.issym():
-        return f"a symbolic link (to {_text(info.linkname)}), not a frame; archive the file itself"
+        return f"a symbolic link (to {storage.printable(info.linkname)}), not a frame; archive the file itself"
     if info.islnk():
-        return f"a hard link (to {_text(info.linkname)}), not a frame; archive the file itself"
+        return f"a hard link (to {storage.printable(info.linkname)}), not a frame; archive the file itself"
     if info.isfifo():
         return "a fifo, not a frame"
     if info.ischr() or info.isblk():
@@ -606,7 +596,7 @@ def iter_archive(
             if info.isdir():
                 continue
             files += 1
-            shown = _text(info.name)
+            shown = storage.printable(info.name)
             # A name that is not UTF-8 (an archive made where names were Latin-1, say) is still a
             # frame whose bytes are in hand: it is predicted under its \xNN-escaped name, which
             # is the same on every run; a clash with a literal "\xNN" name is a duplicate below.

@@ -178,11 +178,16 @@ def read_bytes(uri: str) -> bytes:
 _ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
 
 
-def _display_name(path: str) -> str:
-    """A local path as os.walk gives it (undecodable bytes as surrogates) -> valid UTF-8 text,
-    the undecodable bytes shown as ``\\xNN``. Parquet strings and S3 keys are UTF-8 only, so such
-    a file can be named in messages and error rows, but not read (see read_bytes)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+def printable(name: str) -> str:
+    """A name as Python decoded it (a local path from os.walk, a tar member name: bytes that are
+    not UTF-8 as surrogates) -> valid UTF-8 text, those bytes shown as ``\\xNN``. Parquet strings
+    and S3 keys are UTF-8 only, so such a file can be named in messages and error rows, but a
+    local one not read back by that name (see read_bytes)."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no byte made
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _undecodable_exists(path: str) -> bool:
@@ -223,7 +228,7 @@ def list_files(uri: str) -> list[str]:
             for name in names:
                 full = os.path.join(folder, name)
                 if os.path.isfile(full):
-                    out.append(join(uri, _display_name(os.path.relpath(full, path))))
+                    out.append(join(uri, printable(os.path.relpath(full, path))))
         return sorted(out)
     selector = pafs.FileSelector(path, recursive=True, allow_not_found=True)
     for entry in fs.get_file_info(selector):
@@ -291,7 +296,7 @@ def _local_entries(uri: str, path: str, prune: list[str]) -> list[Entry]:
     out: list[Entry] = []
 
     def entry(rel_raw: str, error: str = "") -> Entry:
-        rel = _display_name(rel_raw)
+        rel = printable(rel_raw)
         if not error and rel != rel_raw:
             error = "the name is not valid UTF-8 (shown with \\x escapes); rename the file"
         return Entry(f"{base}{sep}{rel}" if rel else uri, rel, error)
@@ -320,7 +325,7 @@ def _local_entries(uri: str, path: str, prune: list[str]) -> list[Entry]:
                 st = os.stat(full)  # follows links
             except OSError as e:
                 if os.path.islink(full):
-                    out.append(entry(rel, f"a broken symbolic link (to {_display_name(os.readlink(full))}); "
+                    out.append(entry(rel, f"a broken symbolic link (to {printable(os.readlink(full))}); "
                                           "remove it or restore its target"))
                 else:
                     out.append(entry(rel, f"cannot read ({e.strerror or e})"))
