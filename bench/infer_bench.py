@@ -71,7 +71,7 @@ def io_one(job: dict) -> dict:
     import pyarrow as pa
 
     import infer_plain
-    from segray import infer, sources, storage
+    from segray import infer, predictions, sources, storage
     from segray.camvid import NUM_CLASSES, VOID_INDEX
     from segray.preprocess import resize_label
     from segray.synthetic import render_scene
@@ -91,8 +91,8 @@ def io_one(job: dict) -> dict:
                          "pixel_accuracy": None})
             if len(rows) >= job["limit"]:
                 break
-        infer._write_parquet(storage.join(job["output"], "predictions", "part-io.parquet"),
-                             pa.Table.from_pylist(rows, schema=infer.PREDICTIONS_SCHEMA))
+        predictions.write_parquet(storage.join(job["output"], "predictions", "part-io.parquet"),
+                             pa.Table.from_pylist(rows, schema=predictions.PREDICTIONS_SCHEMA))
     return {"frames": len(rows), "s_per_frame": t.wall_s / len(rows), "cpu_s_per_frame": t.cpu_s / len(rows)}
 
 

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from segray import infer, modelio, sources, storage  # noqa: E402
+from segray import infer, modelio, predictions, sources, storage  # noqa: E402
 from segray.metrics import mean_iou, pixel_accuracy  # noqa: E402
 
 
@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"uri": uri, "height": height, "width": width, "mask_png": r.mask_png,
                          "class_pixel_counts": r.class_pixel_counts, "label_uri": item_label.uri if item_label else None,
                          "confusion": r.confusion, "pixel_accuracy": r.pixel_accuracy})  # fmt: skip
-    infer._write_parquet(
+    predictions.write_parquet(
         storage.join(args.output, "predictions", "part-0.parquet"),
-        pa.Table.from_pylist(rows, schema=infer.PREDICTIONS_SCHEMA),
+        pa.Table.from_pylist(rows, schema=predictions.PREDICTIONS_SCHEMA),
     )
     seconds = time.perf_counter() - t0
     print(

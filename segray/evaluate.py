@@ -18,7 +18,7 @@ from PIL import Image
 
 from segray import storage
 from segray.camvid import CLASSES, PALETTE, VOID_INDEX
-from segray.infer import (
+from segray.predictions import (
     COL_ACCURACY,
     COL_CONFUSION,
     COL_LABEL_URI,
@@ -43,7 +43,7 @@ SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
 
 
 def read_table(folder: str, columns: list[str] | None = None, filters=None):
-    """The part files of an infer output folder, exactly those infer counts (infer.parquet_files):
+    """The part files of an infer output folder, exactly those infer counts (predictions.parquet_files):
     a killed write's ``*.tmp-*`` file or a stray file is not read."""
     files = parquet_files(folder)
     if not files:

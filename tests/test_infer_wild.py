@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from segray import storage
-from segray.infer import ERRORS_DIR, METRICS_FILE, PREDICTIONS_DIR, RUN_FILE, parquet_files
+from segray.predictions import ERRORS_DIR, METRICS_FILE, PREDICTIONS_DIR, RUN_FILE, parquet_files
 from segray.model import UNetConfig, build_model
 from segray.modelio import ModelSpec, save_model
 
