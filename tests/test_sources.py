@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from segray import sources
+from segray import archives, sources
 
 
 def _write(path, data: bytes = b"x") -> str:
@@ -152,7 +152,7 @@ def test_iter_archive_raises_after_the_members_before_the_damage(tmp_path):
 
 
 def test_iter_archive_refuses_oversized_members(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 5)
+    monkeypatch.setattr(archives, "MAX_MEMBER_BYTES", 5)
     uri = _write(tmp_path / "A.tar", _tar({"big.png": b"123456", "ok.png": b"1"}))
     members = list(sources.iter_archive(uri))
     assert "over the 5 bytes" in members[0].error and members[1].data == b"1"

@@ -1,0 +1,266 @@
+"""Reading frame archives (``.tar``, ``.tar.gz``, ``.tgz``) as a stream of members.
+
+Only the archive's name is listed on the driver (segray/sources.py); its members are read,
+streaming, in the Ray task that decodes them (:func:`iter_archive`), so a 100 GB archive costs
+the driver nothing. Compression is recognised by the bytes, not the name, and the archive is
+read to its end, so damage anywhere is an :class:`ArchiveError` after the members before it.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import tarfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from segray import storage
+from segray.layout import is_image
+from segray.names import clean_member_name, mask_rel, member_uri, name_problem, parents, unique
+
+ARCHIVE_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+# Bytes per read from storage while streaming an archive (one ranged GET on S3).
+ARCHIVE_READ_BUFFER = 8 * 2**20
+# A member this big is not a video frame (a 4K PNG is ~25 MB); refusing it keeps a task's
+# memory bounded whatever an archive holds.
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
+
+
+def is_archive(path: str) -> bool:
+    return path.lower().endswith(ARCHIVE_EXTENSIONS)
+
+
+class ArchiveError(tarfile.TarError):
+    """An archive that cannot be read to its end (not a tar, truncated, corrupt, unreadable).
+
+    Raised by :func:`iter_archive` after the members read before the damage; ``str()`` is one
+    line naming the archive's URI. A subclass of ``tarfile.TarError``."""
+
+    def __init__(self, uri: str, message: str) -> None:
+        super().__init__(f"{uri}: {message}")
+        self.uri = uri
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of an archive: its cleaned path and bytes, or why it cannot be used.
+
+    With ``error`` set, ``path`` is the name as the archive has it (escaped to valid UTF-8,
+    ``(duplicate N)`` appended when that is taken), so that every Member of one archive has a
+    distinct URI ``member_uri(archive, path)``. ``path == ""`` (with ``error``): the archive
+    itself holds no files; its row is the archive's URI.
+    """
+
+    path: str
+    data: bytes = b""
+    error: str = ""
+
+
+# Compressed archives, by their first bytes; tarfile reads the decompressed stream.
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"))
+
+
+class _Sniffed:
+    """A stream with its first bytes read ahead (to tell the compression) and given back."""
+
+    def __init__(self, raw, n: int = 6) -> None:
+        self.raw = raw
+        self.head = raw.read(n)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        if self.head:
+            data, self.head = self.head[:n], self.head[n:]
+            return data + (self.raw.read(n - len(data)) if len(data) < n else b"")
+        return self.raw.read(n)
+
+
+class _Counted:
+    """The decompressed tar stream: counts the bytes handed to tarfile and keeps the last few
+    reads, so that what follows the end of the archive can be checked."""
+
+    KEEP = 64 * 1024  # tarfile reads at most 10 KiB past the header it stops at
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.count = 0
+        self.recent: deque[tuple[int, bytes]] = deque()  # (start offset, bytes), >= KEEP bytes
+        self.kept = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if data:
+            self.recent.append((self.count, data))
+            self.count += len(data)
+            self.kept += len(data)
+            while self.kept - len(self.recent[0][1]) >= self.KEEP:
+                self.kept -= len(self.recent.popleft()[1])
+        return data
+
+
+def _open_tar_stream(raw) -> tuple[_Counted, str]:
+    sniffed = _Sniffed(raw)
+    kind = next((name for magic, name in _MAGIC if sniffed.head.startswith(magic)), "tar")
+    if kind == "gzip":
+        f = gzip.GzipFile(fileobj=sniffed, mode="rb")
+    elif kind == "bzip2":
+        f = bz2.BZ2File(sniffed)
+    elif kind == "xz":
+        f = lzma.LZMAFile(sniffed)
+    else:
+        f = sniffed
+    return _Counted(f), kind
+
+
+def _broken(uri: str, e: BaseException) -> ArchiveError:
+    text = (str(e).strip() or type(e).__name__).splitlines()[0]
+    return ArchiveError(uri, f"broken or truncated archive ({type(e).__name__}: {text}); "
+                        "the members before the damage were processed")
+
+
+def _member_problem(info: tarfile.TarInfo) -> str:
+    if info.isfile():
+        return ""
+    if info.issym():
+        return f"a symbolic link (to {storage.printable(info.linkname)}), not a frame; archive the file itself"
+    if info.islnk():
+        return f"a hard link (to {storage.printable(info.linkname)}), not a frame; archive the file itself"
+    if info.isfifo():
+        return "a fifo, not a frame"
+    if info.ischr() or info.isblk():
+        return "a device, not a frame"
+    return f"a member of type {info.type!r}, not a file"
+
+
+def iter_archive(
+    archive_uri: str, skip: Iterable[str] = frozenset(), taken: Iterable[str] = ()
+) -> Iterator[Member]:
+    """Stream the members of a tar archive (plain, gzip, bzip2 or xz), one at a time, in order.
+
+    Every member that is not a directory is one Member (directories are no rows): a regular
+    file with its bytes, or anything else with ``error`` set (a link, a fifo or device, a name
+    that leaves the archive or is not UTF-8, a duplicate name after cleaning ``./``, an image
+    whose mask would be a folder of other members' masks, a member over MAX_MEMBER_BYTES).
+    Members whose URI is in ``skip`` are passed over (their bytes are still streamed past: a
+    tar has no index). ``taken``: URIs of other objects below ``<archive_uri>/`` (an S3 key
+    ``A.tar/x.png`` beside ``A.tar``, Input.taken) that members must not reuse. An archive
+    without any file yields one ``Member("", error=...)`` (unless ``archive_uri`` is in ``skip``).
+
+    Raises ArchiveError (after the members read before it) when the archive is not a tar, is
+    truncated or corrupt (checked to its very end: compressed streams to their checksum, a
+    plain tar's bytes after its end-of-archive marker must be zeros), or cannot be read;
+    FileNotFoundError when the object does not exist.
+    """
+    skip = skip if isinstance(skip, (set, frozenset)) else frozenset(skip)
+    archive_uri = archive_uri.rstrip("/")
+    fs, path = storage.resolve(archive_uri)
+    try:
+        # compression=None: tarfile tells a compressed archive by its bytes; pyarrow would
+        # decompress by extension (and a .tar.gz that is a plain tar would fail). Buffered:
+        # tarfile reads 512 bytes to 10 KiB at a time, and every read of a bare S3 stream is a
+        # GET of its own (218 ms a 300 KB frame in moto, docs/benchmarks.md).
+        raw = fs.open_input_stream(path, compression=None, buffer_size=ARCHIVE_READ_BUFFER)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ArchiveError(archive_uri, f"cannot read ({storage._first_line(e)})") from e
+    with raw:
+        try:
+            stream, _ = _open_tar_stream(raw)
+            # "r|": sequential reading, no seeks: one pass over an object-store stream.
+            tar = tarfile.open(fileobj=stream, mode="r|")
+        except Exception as e:  # noqa: BLE001 - whatever the bytes are, the archive is broken
+            raise _broken(archive_uri, e) from e
+        seen: set[str] = set()
+        for uri in taken:
+            if uri.startswith(archive_uri + "/"):
+                seen.add(uri[len(archive_uri) + 1:])
+        mask_files: set[str] = set()
+        mask_dirs: set[str] = set()
+        files = 0
+        while True:
+            try:
+                info = tar.next()
+                tar.members.clear()  # a stream has no use for them; keeps memory flat over millions
+            except Exception as e:  # noqa: BLE001
+                raise _broken(archive_uri, e) from e
+            if info is None:
+                break
+            if info.isdir():
+                continue
+            files += 1
+            shown = storage.printable(info.name)
+            # A name that is not UTF-8 (an archive made where names were Latin-1, say) is still a
+            # frame whose bytes are in hand: it is predicted under its \xNN-escaped name, which
+            # is the same on every run; a clash with a literal "\xNN" name is a duplicate below.
+            name = clean_member_name(shown)
+            problem = "member path leaves the archive" if name is None else name_problem(name)
+            # The cleaned path when it is a sound name (also for a link: `./a.png` -> `a.png`),
+            # else the name as the archive has it (named in the error, never used as a path).
+            path = shown if problem or name is None else name
+            problem = problem or _member_problem(info)
+            if path in seen:
+                how = f"{shown} is {path} once cleaned, the name" if shown != path else "the same name as"
+                problem = problem or f"duplicate member name ({how} of an earlier member or object); rename one"
+                path = unique(path, seen)
+            seen.add(path)
+            if not problem and is_image(path):
+                mask = mask_rel(path)
+                if mask in mask_dirs or any(d in mask_files for d in parents(path)):
+                    problem = f"its mask {mask} would clash with the folder of another member's mask; rename one"
+                else:
+                    mask_files.add(mask)
+                    mask_dirs.update(parents(mask))
+            uri = member_uri(archive_uri, path)
+            if uri in skip:
+                continue
+            if not problem and info.size > MAX_MEMBER_BYTES:
+                problem = f"{info.size} bytes is over the {MAX_MEMBER_BYTES} bytes a frame may have"
+            if problem:
+                yield Member(path, error=f"{uri}: {problem}")
+                continue
+            try:
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"member {path} is truncated ({len(data)} of {info.size} bytes)")
+            except Exception as e:  # noqa: BLE001
+                raise _broken(archive_uri, e) from e
+            yield Member(path, data)
+        try:
+            _check_end(archive_uri, tar.offset, stream)
+        except ArchiveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a compressed stream cut or corrupt past the last member
+            raise _broken(archive_uri, e) from e
+        if files == 0 and archive_uri not in skip:
+            yield Member("", error=f"{archive_uri}: an empty archive (no files in it); remove it or add the frames")
+
+
+def _check_end(archive_uri: str, offset: int, stream: _Counted) -> None:
+    """What follows the last member must be the end-of-archive marker: zeros to the end of the
+    (decompressed) stream, read to its end so that a compressed stream's checksum is checked.
+
+    tarfile takes a header cut short, or a damaged one, for the end of the archive; what is left
+    past it tells: a few bytes (less than a header) is a truncated archive, non-zero bytes a
+    corrupt header or another archive appended."""
+    pending = b"".join(data for start, data in stream.recent if start + len(data) > offset)
+    first = next((start for start, data in stream.recent if start + len(data) > offset), stream.count)
+    head = pending[max(0, offset - first):] if first <= offset else None
+    nonzero = head is not None and head.strip(b"\0") != b""
+    while True:
+        chunk = stream.read(1 << 20)
+        if not chunk:
+            break
+        nonzero = nonzero or chunk.strip(b"\0") != b""
+    rest = stream.count - offset
+    if 0 < rest < tarfile.BLOCKSIZE:
+        raise ArchiveError(archive_uri, f"truncated: {rest} bytes of a member header at byte {offset}")
+    if nonzero:
+        raise ArchiveError(archive_uri, f"unreadable data after byte {offset} (a damaged member header, or "
+                           "another archive appended); the members before it were processed")
