@@ -1,6 +1,7 @@
 """CamVid facts: the 11 classes, void, the palette, and the two on-disk layouts.
 
-Every other module imports class names, palette and the void index from here.
+These are the facts of one dataset; code takes its classes from a ``segray.classes.ClassTable``,
+whose default ``segray.classes.CAMVID`` is built from here.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 128, 192),  # Bicyclist
     (0, 0, 0),  # Void
 )
+VOID_COLOR: tuple[int, int, int] = PALETTE[VOID_INDEX]
 
 # --- The original release: 32 colour-coded classes (label_colors.txt) grouped into the 11 ---
 # Grouping used by the SegNet authors (Badrinarayanan et al.) and most CamVid-11 papers.

@@ -23,6 +23,20 @@ _WRAPPERS = ("RayTaskError", "UserCodeException", "RayActorError", "ActorDiedErr
 _TRACEBACK_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)): (.+)$")
 
 
+class SegrayError(Exception):
+    """Base of segray's own errors: a thing a user can fix, named with the fix in the message.
+
+    Every error segray raises on purpose (PrepareError, TrainError, InferError, DatasetError,
+    ModelError, StorageError, ...) derives from it, so a caller can tell segray's refusals from
+    bugs, and :func:`one_line` prefers its message. Each also derives from the builtin class it
+    has always been (ValueError for a bad value, RuntimeError for a failed storage operation,
+    tarfile.TarError for a broken archive), so existing ``except`` clauses keep working."""
+
+
+class ConfigError(SegrayError, ValueError):
+    """A setting that cannot be used; the message names its flag."""
+
+
 def chain(exc: BaseException) -> list[BaseException]:
     """``exc`` and every exception it wraps (``.cause``, ``__cause__``, ``__context__``), outermost first."""
     out: list[BaseException] = []
@@ -53,6 +67,8 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def _is_segray(exc: BaseException) -> bool:
+    if isinstance(exc, SegrayError):
+        return True
     return any(c.__module__.split(".")[0] == "segray" for c in type(exc).__mro__ if c is not BaseException)
 
 

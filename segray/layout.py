@@ -1,13 +1,16 @@
 """Find CamVid image/label pairs in a source prefix and tell which layout it uses.
 
-Two layouts are recognised (see shared/DESIGN.md):
+Two layouts are recognised (docs/design.md, "Input layouts"):
 
 - **SegNet**: ``train/ trainannot/ val/ valannot/ test/ testannot/``; a label has the same
-  relative path as its image under the ``annot`` folder (extension may differ).
+  relative path as its image under the ``annot`` folder (extension may differ). An optional
+  ``classes.json`` at the source root names the classes the labels' indices stand for
+  (:mod:`segray.classes`); without it they are CamVid's 11 classes and void 11.
 - **Original**: RGB frames ``NAME.png`` and colour-coded labels ``NAME_L.png`` anywhere below
   the source, plus ``label_colors.txt``. Frames are assigned to splits by ``train.txt``,
   ``val.txt``, ``test.txt`` at the source root when present (one name or path a line), else
-  by the deterministic rule of :func:`split_of`.
+  by the deterministic rule of :func:`split_of`. The labels are CamVid's 11 classes
+  (``label_colors.txt`` maps the 32 original colours to them); ``classes.json`` is refused here.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import posixpath
 import zlib
 from dataclasses import dataclass
 
+from segray.errors import SegrayError
 from segray import storage
 from segray.camvid import ORIGINAL_COLORS, ORIGINAL_TO_11, parse_label_colors
+from segray.classes import CAMVID, CLASSES_FILE, ClassTable, ClassTableError, load_classes_file
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg")
@@ -26,7 +31,7 @@ ORIGINAL = "original"
 LABEL_COLORS_FILE = "label_colors.txt"
 
 
-class LayoutError(ValueError):
+class LayoutError(SegrayError, ValueError):
     """The source is not a usable CamVid layout; the message says what was found."""
 
 
@@ -45,6 +50,7 @@ class Layout:
     # colour -> class index, only for the original layout
     label_colors: tuple[tuple[tuple[int, int, int], int], ...] = ()
     ignored_files: int = 0  # files that are neither images nor layout metadata
+    classes: ClassTable = CAMVID  # the SegNet layout's classes.json, else CamVid's 11 classes
 
     def split_counts(self) -> dict[str, int]:
         return {s: sum(p.split == s for p in self.pairs) for s in SPLITS if any(p.split == s for p in self.pairs)}
@@ -102,10 +108,27 @@ def _segnet(source: str, rels: list[str]) -> Layout:
     _raise_problems(source, problems)
     if not pairs:
         raise LayoutError(f"{source}: SegNet layout with no image/label pairs (train/ trainannot/ ... are empty)")
-    return Layout(SEGNET, tuple(pairs), ignored_files=ignored)
+    classes = _read_classes(source) if CLASSES_FILE in rels else CAMVID
+    return Layout(SEGNET, tuple(pairs), ignored_files=ignored, classes=classes)
+
+
+def _read_classes(source: str) -> ClassTable:
+    """The source's ``classes.json``, validated; LayoutError naming its URI otherwise."""
+    uri = storage.join(source, CLASSES_FILE)
+    try:
+        return load_classes_file(storage.read_bytes(uri), uri)
+    except ClassTableError as e:
+        raise LayoutError(str(e)) from None
 
 
 def _original(source: str, rels: list[str]) -> Layout:
+    if CLASSES_FILE in rels:
+        raise LayoutError(
+            f"{storage.join(source, CLASSES_FILE)}: classes.json is read only in the SegNet layout (train/ "
+            f"trainannot/ ... with index labels); this source is in the original CamVid layout (NAME_L.png colour "
+            f"labels), whose {LABEL_COLORS_FILE} maps to CamVid's 11 classes: remove classes.json, or convert the "
+            f"source to the SegNet layout"
+        )
     colors_rel = sorted((r for r in rels if posixpath.basename(r) == LABEL_COLORS_FILE), key=len)
     if colors_rel:
         uri = storage.join(source, colors_rel[0])
@@ -155,3 +178,13 @@ def _raise_problems(source: str, problems: list[str]) -> None:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LayoutError(f"{problems[0]}{more}; every image needs its label and every label its image")
+
+
+def label_color_table(labels_root: str | None) -> tuple:
+    """Colour -> class table of colour-coded ``_L.png`` labels below ``labels_root``: its
+    ``label_colors.txt`` if there is one, else the original CamVid table (sorted (rgb, index) pairs)."""
+    if labels_root:
+        uri = storage.join(labels_root, LABEL_COLORS_FILE)
+        if storage.exists(uri):
+            return tuple(sorted(parse_label_colors(storage.read_bytes(uri).decode("utf-8", "replace"), uri).items()))
+    return tuple(sorted((rgb, ORIGINAL_TO_11[name]) for rgb, name in ORIGINAL_COLORS))

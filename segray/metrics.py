@@ -9,6 +9,10 @@
 
 Never average per-batch or per-image ratios: small images and batches without a class would
 weigh as much as full ones.
+
+Works for any number of classes K (2..255 in a ClassTable); void, which a ClassTable never
+places inside 0..K-1, counts nowhere. The defaults (CamVid's 11 classes) are kept for callers
+of the CamVid-only days; pass ``num_classes`` and the class names of your table.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from typing import Any, Sequence, TypeVar
 import numpy as np
 import torch
 
-from segray.camvid import CLASSES, NUM_CLASSES, VOID_INDEX
+from segray.camvid import CLASSES, NUM_CLASSES
+from segray.classes import ClassTable
 
 _Array = TypeVar("_Array", np.ndarray, torch.Tensor)
 
 
-def _flat_indices(target: _Array, pred: _Array, num_classes: int, ignore_index: int) -> _Array:
+def _flat_indices(target: _Array, pred: _Array, num_classes: int, ignore_index: int | None) -> _Array:
     """Flat cm indices `target * num_classes + pred` of the pixels that count.
 
     Written once for numpy and torch alike (only operators both share), so the two public
@@ -37,7 +42,9 @@ def _flat_indices(target: _Array, pred: _Array, num_classes: int, ignore_index: 
         )
     # Void, and anything outside 0..num_classes-1 (e.g. 255 borders from augmentation), is not
     # a labelled pixel and counts nowhere.
-    keep = (target >= 0) & (target < num_classes) & (target != ignore_index)
+    keep = (target >= 0) & (target < num_classes)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        keep = keep & (target != ignore_index)
     target, pred = target[keep], pred[keep]
     # An out-of-range prediction is a bug upstream, not data to ignore: it would land silently in
     # another cell (t*n + n == (t+1)*n + 0). On CUDA this check is a host sync; bincount below
@@ -51,13 +58,15 @@ def confusion_matrix(
     target: torch.Tensor,
     pred: torch.Tensor,
     num_classes: int = NUM_CLASSES,
-    ignore_index: int = VOID_INDEX,
+    ignore_index: int | None = None,
 ) -> torch.Tensor:
     """Confusion matrix of one batch, on the inputs' device.
 
     target, pred: integer tensors of the same shape, e.g. (N, H, W) class indices.
     Returns (num_classes, num_classes) int64 counts of pixels, cm[true, pred]; pixels whose
-    target is `ignore_index` or outside 0..num_classes-1 are not counted.
+    target is outside 0..num_classes-1 (void, e.g. 11 for CamVid or 255) or is `ignore_index`
+    are not counted. `ignore_index` None (the default) ignores exactly the former: a void index
+    is never a class index, so it need not be passed.
     """
     for name, t in (("target", target), ("pred", pred)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -72,7 +81,7 @@ def confusion_matrix_np(
     target: np.ndarray,
     pred: np.ndarray,
     num_classes: int = NUM_CLASSES,
-    ignore_index: int = VOID_INDEX,
+    ignore_index: int | None = None,
 ) -> np.ndarray:
     """numpy twin of `confusion_matrix`: same rule, returns (num_classes, num_classes) np.int64."""
     target, pred = np.asarray(target), np.asarray(pred)
@@ -127,15 +136,19 @@ def pixel_accuracy(cm: np.ndarray | torch.Tensor) -> float:
 
 
 def summarize(
-    cm: np.ndarray | torch.Tensor, class_names: Sequence[str] = CLASSES
+    cm: np.ndarray | torch.Tensor, class_names: Sequence[str] | ClassTable = CLASSES
 ) -> dict[str, Any]:
     """Everything a report needs from one (summed) confusion matrix.
+
+    ``class_names``: the K names (or a ClassTable) of the matrix's rows; CamVid's by default.
 
     Returns {"miou": float (NaN if undefined), "pixel_accuracy": float (NaN if undefined),
     "iou": {class name: float, or None where the class is absent}, "pixels": int counted pixels}.
     None rather than NaN in "iou" because it survives JSON and Parquet as a null.
     """
     cm = _as_numpy(cm)
+    if isinstance(class_names, ClassTable):
+        class_names = class_names.names
     if len(class_names) != cm.shape[0]:
         raise ValueError(
             f"{len(class_names)} class names for a {cm.shape[0]}x{cm.shape[0]} confusion matrix"

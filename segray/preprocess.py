@@ -1,6 +1,7 @@
 """Pure image functions: decode, convert, resize. No Ray, no storage.
 
-Images are ``(H, W, 3) uint8`` RGB; label masks are ``(H, W) uint8`` class indices 0..11.
+Images are ``(H, W, 3) uint8`` RGB; label masks are ``(H, W) uint8`` class indices 0..K-1 and
+the void index of a :class:`segray.classes.ClassTable` (CamVid's by default: 0..10, void 11).
 Images are resized with PIL's BILINEAR filter, which PIL widens by the scale factor when
 shrinking (i.e. it antialiases); labels only ever with NEAREST, so every output value is a
 value of the source mask. Training and inference both resize through here, so a model sees
@@ -15,14 +16,16 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from segray.camvid import PALETTE, VOID_INDEX
+from segray.errors import SegrayError
+from segray.camvid import VOID_INDEX
+from segray.classes import CAMVID, ClassTable
 
 IMAGE_RESAMPLE = Image.Resampling.BILINEAR
 # A 4K frame is 8.3 Mpx; anything over this is refused as a likely decompression bomb.
 MAX_PIXELS = 64_000_000
 
 
-class BadInputError(ValueError):
+class BadInputError(SegrayError, ValueError):
     """An input file that cannot be used; the message names it and says why."""
 
 
@@ -72,26 +75,76 @@ def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_index_label(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode a SegNet-style label PNG of class indices into ``(H, W) uint8``.
+ColorLookup = tuple[np.ndarray, np.ndarray]  # a color_lookup result: sorted packed colours, indices
 
-    Palette PNGs are read by index, not by colour. Raises BadInputError for values > 11.
+
+def decode_label(
+    data: bytes,
+    name: str,
+    classes: ClassTable = CAMVID,
+    colors: ColorLookup | dict | tuple | None = None,
+) -> tuple[np.ndarray, int]:
+    """Decode a label file into ``(mask (H, W) uint8, unmapped_pixel_count)``: the one label
+    decoder of prepare, infer and evaluate.
+
+    Without ``colors`` the PNG holds class indices (grey, palette PNGs read by index, 16-bit, or
+    RGB with equal channels; a colour RGB is refused), and a value that is neither a class index
+    ``0..K-1`` nor ``classes.void_index`` is refused; the count is 0. With ``colors`` (a
+    :func:`color_lookup` result, or the colour table it is made from) the label is colour-coded,
+    e.g. CamVid's original ``NAME_L.png``: colours map to indices, colours not in the table become
+    void and are counted. Raises BadInputError naming ``name``.
     """
+    if colors is not None:
+        lookup = _as_lookup(colors, classes)
+        return colors_to_index(decode_image(data, name), lookup, classes.void_index)
     img = _open(data, name)
     if img.mode in ("RGB", "RGBA"):
         arr = np.asarray(img)
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise BadInputError(f"{name}: label is a colour image; expected single-channel class indices 0..{VOID_INDEX}")
+            raise BadInputError(
+                f"{name}: label is a colour image; expected single-channel class indices {classes.describe_values()}"
+            )
         arr = arr[..., 0]
     elif img.mode in ("L", "P"):
         arr = np.asarray(img)
     else:
         arr = np.asarray(img.convert("I"))
-    bad = np.unique(arr[arr > VOID_INDEX])
-    if bad.size:
+    allowed = classes.valid_values()
+    if arr.dtype == np.uint8:
+        bad_pixels = ~allowed[arr]
+    else:  # 16/32-bit: values over 255 are never a class
+        wide = arr.astype(np.int64)
+        bad_pixels = (wide < 0) | (wide > 255) | ~allowed[wide.clip(0, 255)]
+    if bad_pixels.any():
+        bad = np.unique(arr[bad_pixels])
         shown = ", ".join(str(int(v)) for v in bad[:5])
-        raise BadInputError(f"{name}: label values outside 0..{VOID_INDEX}: {shown}")
-    return arr.astype(np.uint8)
+        more = f" (and {bad.size - 5} more)" if bad.size > 5 else ""
+        raise BadInputError(f"{name}: label values outside {classes.describe_values()}: {shown}{more}")
+    return arr.astype(np.uint8), 0
+
+
+def decode_index_label(data: bytes, name: str = "<bytes>", classes: ClassTable = CAMVID) -> np.ndarray:
+    """Decode a SegNet-style label PNG of class indices into ``(H, W) uint8``.
+
+    Palette PNGs are read by index, not by colour. Raises BadInputError for values that are
+    neither a class of ``classes`` nor its void index (:func:`decode_label` without colours)."""
+    return decode_label(data, name, classes)[0]
+
+
+def _as_lookup(colors: ColorLookup | dict | tuple, classes: ClassTable) -> ColorLookup:
+    """A color_lookup result (or a table to make one of) whose indices are all ``classes``' values."""
+    is_lookup = (
+        isinstance(colors, tuple) and len(colors) == 2 and all(isinstance(c, np.ndarray) for c in colors)
+    )
+    lookup = colors if is_lookup else color_lookup(colors)
+    values = lookup[1]
+    bad = np.unique(values[~classes.valid_values()[values]]) if values.size else values
+    if bad.size:
+        raise ValueError(
+            f"colour table maps to {', '.join(str(int(v)) for v in bad[:5])}, which is neither a class nor void "
+            f"({classes.describe_values()})"
+        )
+    return lookup
 
 
 def color_lookup(table: dict[tuple[int, int, int], int] | tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -102,16 +155,20 @@ def color_lookup(table: dict[tuple[int, int, int], int] | tuple) -> tuple[np.nda
     return keys, values
 
 
-def colors_to_index(rgb: np.ndarray, lookup: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, int]:
+def colors_to_index(
+    rgb: np.ndarray, lookup: tuple[np.ndarray, np.ndarray], void_index: int = VOID_INDEX
+) -> tuple[np.ndarray, int]:
     """Map an ``(H, W, 3)`` colour-coded label to ``(H, W) uint8`` indices.
 
-    Colours not in the table become void; returns ``(mask, number_of_unmapped_pixels)``.
+    Colours not in the table become ``void_index``; returns ``(mask, number_of_unmapped_pixels)``.
     """
     keys, values = lookup
+    if keys.size == 0:
+        return np.full(rgb.shape[:2], void_index, dtype=np.uint8), int(rgb.shape[0] * rgb.shape[1])
     packed = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
     pos = np.searchsorted(keys, packed).clip(0, len(keys) - 1)
     found = keys[pos] == packed
-    out = np.where(found, values[pos], VOID_INDEX).astype(np.uint8)
+    out = np.where(found, values[pos], void_index).astype(np.uint8)
     return out, int((~found).sum())
 
 
@@ -131,10 +188,16 @@ def resize_label(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((w, h), Image.Resampling.NEAREST))
 
 
-def colorize(mask: np.ndarray, palette=PALETTE) -> np.ndarray:
-    """``(H, W)`` class indices -> ``(H, W, 3) uint8`` colours of ``palette`` (void black)."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+def colorize(mask: np.ndarray, palette_or_table: ClassTable | list | tuple = CAMVID) -> np.ndarray:
+    """``(H, W)`` class indices -> ``(H, W, 3) uint8`` colours.
+
+    With a ClassTable: class colours, the void colour at its void index, black elsewhere. With a
+    palette list: ``palette[i]`` at value ``i``, black beyond the list."""
+    if isinstance(palette_or_table, ClassTable):
+        lut = palette_or_table.lut()
+    else:
+        lut = np.zeros((256, 3), dtype=np.uint8)
+        lut[: len(palette_or_table)] = np.asarray(palette_or_table, dtype=np.uint8).reshape(-1, 3)
     return lut[mask]
 
 

@@ -1,7 +1,8 @@
 """Pictures for people: mask overlays, a confusion-matrix heat map, SVG training curves.
 
 Pure functions on numpy arrays (``(H, W, 3) uint8`` images, ``(H, W) uint8`` masks); no
-plotting library is needed, so the report renders wherever segray runs.
+plotting library is needed, so the report renders wherever segray runs. The classes are always
+the caller's (a :class:`segray.classes.ClassTable`): nothing here assumes CamVid's.
 """
 
 from __future__ import annotations
@@ -12,28 +13,49 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segray.camvid import PALETTE, VOID_INDEX
+from segray.classes import ClassTable
 from segray.preprocess import colorize
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, palette=PALETTE) -> np.ndarray:
-    """Blend the colourised ``mask`` over ``image``; void pixels keep the image as is."""
+def overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    alpha: float = 0.5,
+    palette: ClassTable | list | tuple | None = None,
+    void_index: int | None = None,
+) -> np.ndarray:
+    """Blend the colourised ``mask`` over ``image``; void pixels keep the image as is.
+
+    ``palette``: the ClassTable of the mask (its colours and void index), or a palette list
+    (``palette[i]`` colours value ``i``) with ``void_index`` (default: the last entry, as in the
+    ``palette`` field of dataset.json: K class colours, then void)."""
+    if palette is None:
+        raise TypeError("overlay needs the mask's classes: pass palette=<ClassTable> (or a palette list)")
+    if isinstance(palette, ClassTable):
+        void = palette.void_index if void_index is None else void_index
+    else:
+        void = len(palette) - 1 if void_index is None else void_index
     if image.shape[:2] != mask.shape:
         image = np.asarray(Image.fromarray(image).resize((mask.shape[1], mask.shape[0]), Image.Resampling.BILINEAR))
     colours = colorize(mask, palette).astype(np.float32)
     out = image.astype(np.float32) * (1 - alpha) + colours * alpha
-    keep = mask == VOID_INDEX
+    keep = mask == void
     out[keep] = image[keep]
     return out.round().clip(0, 255).astype(np.uint8)
 
 
-def side_by_side(*panels: np.ndarray, gap: int = 4) -> np.ndarray:
-    """Concatenate ``(H, W, 3)`` panels of equal height left to right with white gaps."""
+def side_by_side(*panels: np.ndarray, gap: int = 4, palette: ClassTable | list | tuple | None = None) -> np.ndarray:
+    """Concatenate ``(H, W, 3)`` panels of equal height left to right with white gaps.
+
+    A 2-D panel is a mask, colourised with ``palette`` (a ClassTable or a palette list), which
+    must then be given."""
     h = max(p.shape[0] for p in panels)
     parts = []
     for i, p in enumerate(panels):
         if p.ndim == 2:
-            p = colorize(p)
+            if palette is None:
+                raise TypeError("side_by_side got a mask panel: pass palette=<ClassTable> to colour it")
+            p = colorize(p, palette)
         if p.shape[0] != h:
             p = np.asarray(Image.fromarray(p).resize((round(p.shape[1] * h / p.shape[0]), h)))
         parts.append(p)
@@ -42,29 +64,60 @@ def side_by_side(*panels: np.ndarray, gap: int = 4) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def confusion_image(cm: np.ndarray, names: list[str], cell: int = 28) -> np.ndarray:
-    """Row-normalised confusion matrix (true rows, predicted columns) as an RGB heat map."""
+def confusion_image(cm: np.ndarray, names, cell: int | None = None) -> np.ndarray:
+    """Row-normalised confusion matrix (true rows, predicted columns) as an RGB heat map.
+
+    ``names``: the K class names (or a ClassTable) of a ``(K, K)`` matrix, K from 1 to 255.
+    ``cell`` (pixels a cell) defaults to 28, smaller for many classes so the picture stays about
+    1200 pixels wide; rows are labelled "index name", columns by index, numbers drawn where they fit."""
+    if isinstance(names, ClassTable):
+        names = names.names
+    names = [str(n) for n in names]
     cm = np.asarray(cm, dtype=np.float64)
+    n = len(names)
+    if cm.shape != (n, n):
+        raise ValueError(f"{n} class names for a confusion matrix of shape {cm.shape}; expected ({n}, {n})")
+    if cell is None:
+        cell = max(4, min(28, 1120 // max(n, 1)))
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    n = len(names)
     margin = 90
-    img = Image.new("RGB", (margin + n * cell + 4, margin + n * cell + 4), "white")
+    title = "predicted (columns) vs true (rows), % of row"
+    side = margin + n * cell + 4
+    img = Image.new("RGB", (max(side + 16, margin + 6 * len(title)), side), "white")
     draw = ImageDraw.Draw(img)
+    numbers = cell >= 24  # room for "100" in the default font
+    # Rows: "index name" where a line of text fits, else the index every few rows; columns: the
+    # index, every few columns where three digits do not fit in one cell.
+    row_step = 1 if cell >= 10 else math.ceil(12 / cell)
+    col_step = 1 if cell >= 20 else math.ceil(24 / cell)
     for i in range(n):
         for j in range(n):
             v = norm[i, j]
             shade = int(255 * (1 - v))
             fill = (shade, shade, 255) if i != j else (shade, 255, shade)
             x0, y0 = margin + j * cell, margin + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline=(220, 220, 220))
-            if v >= 0.01:
-                draw.text((x0 + 3, y0 + 8), f"{round(100 * v)}", fill="black" if v < 0.6 else "white")
-        draw.text((2, margin + i * cell + 8), names[i][:14], fill="black")
-        # column labels: first letters, stacked, to stay inside the picture
-        draw.text((margin + i * cell + 3, margin - 14), names[i][:3], fill="black")
-    draw.text((margin, 4), "predicted (columns) vs true (rows), % of row", fill="black")
+            outline = (220, 220, 220) if cell >= 6 else None
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline=outline)
+            if numbers and v >= 0.01:
+                draw.text((x0 + 3, y0 + cell // 2 - 6), f"{round(100 * v)}", fill="black" if v < 0.6 else "white")
+        y = margin + i * cell + max(0, cell // 2 - 6)
+        if row_step == 1:
+            _text(draw, (2, y), f"{i} {names[i]}"[:15])
+        elif i % row_step == 0:
+            _text(draw, (2, y), str(i))
+        if i % col_step == 0:
+            _text(draw, (margin + i * cell + (3 if cell >= 24 else 0), margin - 14), str(i))
+    draw.text((margin, 4), title, fill="black")
     return np.asarray(img)
+
+
+def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
+    """Draw a class name; without FreeType PIL's bitmap font knows Latin-1 only, so others become '?'."""
+    try:
+        draw.text(xy, text, fill="black")
+    except UnicodeEncodeError:
+        draw.text(xy, text.encode("latin-1", "replace").decode("latin-1"), fill="black")
 
 
 def svg_lines(series: dict[str, list[float]], x: list[float], title: str, width: int = 520, height: int = 220) -> str:
