@@ -500,11 +500,11 @@ def export_model(dest: str, base_channels: int, size: tuple[int, int], depth: in
     """An exported model (modelio) with random weights: speed does not depend on the weights."""
     import torch
 
-    from segray.model import UNetConfig, build_model
+    from segray.model import DEFAULT_ARCH, network_config, build_model
     from segray.modelio import ModelSpec, save_model
 
     torch.manual_seed(seed)
-    cfg = UNetConfig(base_channels=base_channels, depth=depth)
+    cfg = network_config(DEFAULT_ARCH, {"base_channels": base_channels, "depth": depth})
     save_model(dest, build_model(cfg).state_dict(), ModelSpec(model=cfg.to_dict(), input_height=size[0],
                                                                input_width=size[1]))
     return dest

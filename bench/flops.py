@@ -49,9 +49,9 @@ def count_flops(base: int, size: tuple[int, int], train: bool) -> tuple[float, d
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from segray.model import UNetConfig, build_model
+    from segray.model import DEFAULT_ARCH, build_network
 
-    model = build_model(UNetConfig(base_channels=base))
+    model = build_network(DEFAULT_ARCH, {"base_channels": base})
     model.train(train)
     x = torch.randn(1, 3, *size)
     with FlopCounterMode(display=False) as counter:
@@ -102,13 +102,13 @@ def make_step(cfg: dict):
     import torch
 
     from segray import modelio
-    from segray.model import UNetConfig, build_model
-    from segray.train import weighted_loss_sum
+    from segray.model import DEFAULT_ARCH, build_network
+    from segray.recipe import weighted_loss_sum
 
     base, size = MODELS[cfg["model"]]
     batch, cl = cfg["batch"], cfg["channels_last"]
     torch.manual_seed(0)
-    model = build_model(UNetConfig(base_channels=base))
+    model = build_network(DEFAULT_ARCH, {"base_channels": base})
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (batch, *size, 3), dtype=np.uint8)
     labels = torch.from_numpy(rng.integers(0, 11, (batch, *size))).long()

@@ -87,11 +87,11 @@ def matmul_tflops(device, n: int, seconds: float) -> float:
 def build(model_name: str, device, channels_last: bool, train: bool):
     import torch
 
-    from segray.model import UNetConfig, build_model
+    from segray.model import DEFAULT_ARCH, build_network
 
     base, size = MODELS[model_name]
     torch.manual_seed(0)
-    model = build_model(UNetConfig(base_channels=base)).to(device)
+    model = build_network(DEFAULT_ARCH, {"base_channels": base}).to(device)
     model.train(train)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -142,7 +142,7 @@ def measure_train(model_name: str, device, batches, seconds: float, flops_train:
     import torch
 
     from segray import modelio
-    from segray.train import weighted_loss_sum
+    from segray.recipe import weighted_loss_sum
 
     rows = []
     for cl in (False, True):

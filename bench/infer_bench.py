@@ -71,7 +71,7 @@ def io_one(job: dict) -> dict:
     import pyarrow as pa
 
     import infer_plain
-    from segray import infer, predictions, sources, storage
+    from segray import frames, predictions, predictor, sources, storage
     from segray.camvid import NUM_CLASSES, VOID_INDEX
     from segray.preprocess import resize_label
     from segray.synthetic import render_scene
@@ -84,8 +84,8 @@ def io_one(job: dict) -> dict:
     rows = []
     with benchlib.timed() as t:
         for uri, data, _ in infer_plain.encoded(listing):
-            _, h, w = infer.load_frame(data, uri, size)
-            r = infer.finish_frame(pred, (h, w), NUM_CLASSES, VOID_INDEX, None)
+            _, h, w = frames.load_frame(data, uri, size)
+            r = predictor.finish_frame(pred, (h, w), NUM_CLASSES, VOID_INDEX, None)
             rows.append({"uri": uri, "height": h, "width": w, "mask_png": r.mask_png,
                          "class_pixel_counts": r.class_pixel_counts, "label_uri": None, "confusion": None,
                          "pixel_accuracy": None})
@@ -102,11 +102,11 @@ def model_one(job: dict) -> dict:
     import torch
 
     from segray import modelio
-    from segray.model import UNetConfig, build_model
+    from segray.model import DEFAULT_ARCH, build_network
 
     base, size = MODELS[job["model"]]
     torch.set_num_threads(job["threads"])
-    model = build_model(UNetConfig(base_channels=base)).eval()
+    model = build_network(DEFAULT_ARCH, {"base_channels": base}).eval()
     tuned = job["format"] == "cl"
     if tuned:
         model = model.to(memory_format=torch.channels_last)

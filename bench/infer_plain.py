@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from segray import infer, modelio, predictions, sources, storage  # noqa: E402
+from segray import frames, modelio, predictions, predictor, sources, storage  # noqa: E402
+from segray.layout import label_color_table  # noqa: E402
 from segray.metrics import mean_iou, pixel_accuracy  # noqa: E402
 
 
@@ -53,20 +54,20 @@ def main(argv: list[str] | None = None) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     listing = sources.list_inputs(images, labels)
-    num_classes = spec.unet.num_classes
-    table = infer.color_table(labels)
+    num_classes = spec.num_classes
+    table = label_color_table(labels)
     load_s = time.perf_counter() - start
 
     rows, total_cm, t0 = [], np.zeros((num_classes, num_classes), np.int64), time.perf_counter()
     for batch in batches(encoded(listing), args.batch_size):
-        frames = [infer.load_frame(data, uri, spec.input_size) for uri, data, _ in batch]
+        frames = [frames.load_frame(data, uri, spec.input_size) for uri, data, _ in batch]
         x = np.stack([f[0] for f in frames])
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=gpu):
             x = modelio.images_to_tensor(x, spec.mean, spec.std, device, channels_last=channels_last)
             preds = model(x).argmax(1).to(torch.uint8).cpu().numpy()
         for (uri, _, item_label), (_, height, width), pred in zip(batch, frames, preds):
-            label = infer.load_label(item_label.uri, item_label.kind, table) if item_label else None
-            r = infer.finish_frame(pred, (height, width), num_classes, spec.void_index, label)
+            label = predictor.load_label(item_label.uri, item_label.kind, table) if item_label else None
+            r = predictor.finish_frame(pred, (height, width), num_classes, spec.void_index, label)
             if r.confusion is not None:
                 total_cm += np.asarray(r.confusion, np.int64).reshape(num_classes, num_classes)
             rows.append({"uri": uri, "height": height, "width": width, "mask_png": r.mask_png,

@@ -28,13 +28,13 @@ def steps_per_second(seconds: float, base: int, size: str, batch: int) -> tuple[
     """(images/s, minor page faults per step) of one-thread train steps on core 0, in the calling thread."""
     import torch
 
-    from segray.model import UNetConfig, build_model
+    from segray.model import DEFAULT_ARCH, build_network
 
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
     torch.manual_seed(0)
     h, w = (int(v) for v in size.split("x"))
-    model = build_model(UNetConfig(base_channels=base))
+    model = build_network(DEFAULT_ARCH, {"base_channels": base})
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     x, y = torch.randn(batch, 3, h, w), torch.randint(0, 11, (batch, h, w))
 

@@ -26,8 +26,9 @@ import torch  # noqa: E402
 from segray import storage  # noqa: E402
 from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_uri  # noqa: E402
 from segray.metrics import summarize  # noqa: E402
-from segray.model import UNetConfig, build_model  # noqa: E402
-from segray.train import array_batches, augment, class_weights, evaluate, weighted_loss_sum  # noqa: E402
+from segray.model import DEFAULT_ARCH, build_network  # noqa: E402
+from segray.recipe import augment, class_weights, weighted_loss_sum  # noqa: E402
+from segray.worker import array_batches, evaluate  # noqa: E402
 
 
 def load_split(data: str, split: str, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +39,7 @@ def load_split(data: str, split: str, height: int, width: int) -> tuple[np.ndarr
 
 
 def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, order: np.ndarray):
-    """The job's own batching of an in-memory shard (segray.train.array_batches), on the CPU."""
+    """The job's own batching of an in-memory shard (segray.worker.array_batches), on the CPU."""
     return array_batches((images, labels), batch_size, order, torch.device("cpu"), False)
 
 
@@ -64,7 +65,7 @@ def run(rank: int, args: argparse.Namespace) -> None:
               f"{time.perf_counter() - t0:.1f} s; {args.threads} threads" + (f" x {world} DDP ranks" if world > 1 else ""),
               flush=True)
 
-    model = build_model(UNetConfig(base_channels=args.base_channels))
+    model = build_network(DEFAULT_ARCH, {"base_channels": args.base_channels, "num_classes": len(info.classes)})
     net = model
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -94,7 +95,8 @@ def run(rank: int, args: argparse.Namespace) -> None:
             dist.barrier()
         train_s = time.perf_counter() - t0
         images = len(order) * world
-        cm, val_loss = evaluate(net, batches(val_x, val_y, args.batch_size, np.arange(len(val_x))), weight, torch.device("cpu"))
+        cm, val_loss = evaluate(net, batches(val_x, val_y, args.batch_size, np.arange(len(val_x))), weight, torch.device("cpu"),
+                                  len(info.classes), info.void_index)
         epoch_s = time.perf_counter() - t0
         s = summarize(cm, info.classes)
         if rank == 0:

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segray.jobs import run_job  # noqa: E402
+from segray.jobs import defaults, run_job  # noqa: E402
 from segray.preprocess import parse_size  # noqa: E402
 
 
@@ -40,10 +40,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=192, help="generated training scenes (default 192)")
     parser.add_argument("--val-images", type=int, default=48, help="generated validation scenes (default 48)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 8 generated, 20 CamVid)")
-    parser.add_argument("--base-channels", type=int, default=16, help="U-Net width (default 16)")
-    parser.add_argument("--num-workers", type=int, default=2, help="training workers (default 2)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per worker and step (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
+    from segray.train import TrainConfig
+
+    d = defaults(TrainConfig)
+    parser.add_argument("--base-channels", type=int, default=16,
+                        help="width of the network (default 16, the CPU recipe's; jobs/train.py --base-channels)")
+    parser.add_argument("--num-workers", type=int, default=d["num_workers"],
+                        help="training workers (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"],
+                        help="images per worker and step (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=d["seed"], help="random seed (default %(default)s)")
     args = parser.parse_args(argv)
     return run_job("demo", lambda: run_demo(args))
 

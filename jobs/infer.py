@@ -12,7 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segray.jobs import run_job  # noqa: E402
+from segray.infer import InferConfig  # noqa: E402
+from segray.jobs import defaults, run_job  # noqa: E402
+
+D = defaults(InferConfig)  # every flag's default comes from InferConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,21 +38,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="prefix of label PNGs (class indices, or colour-coded NAME_L.png) paired with the "
                         "frames by relative path and stem; with it, metrics are computed")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per model replica (bf16, channels-last)")
-    parser.add_argument("--batch-size", type=int, default=16, help="frames per model call (default 16)")
-    parser.add_argument("--num-replicas", type=int, default=1,
+    parser.add_argument("--batch-size", type=int, default=D["batch_size"], help="frames per model call (default %(default)s)")
+    parser.add_argument("--num-replicas", type=int, default=D["num_replicas"],
                         help="model replicas (actors); each takes a GPU with --use-gpu, else --cpus-per-replica")
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0,
-                        help="CPUs Ray reserves per CPU replica (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--cpus-per-replica", type=float, default=D["cpus_per_replica"],
+                        help="CPUs Ray reserves per CPU replica (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=D["threads"],
                         help="torch threads per CPU replica (default: the machine's cores / --num-replicas, at least "
                         "--cpus-per-replica; decoding shares the cores)")
-    parser.add_argument("--rows-per-file", type=int, default=1000,
-                        help="rows per Parquet part file of predictions/ and errors/ (default 1000)")
+    parser.add_argument("--rows-per-file", type=int, default=D["rows_per_file"],
+                        help="rows per Parquet part file of predictions/ and errors/ (default %(default)s)")
     parser.add_argument("--write-masks", action="store_true",
                         help="also write colour PNGs to <output>/masks/, mirroring the input paths")
     args = parser.parse_args(argv)
 
-    from segray.infer import InferConfig, infer
+    from segray.infer import infer
 
     def body() -> None:
         config = InferConfig(

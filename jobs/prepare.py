@@ -40,16 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from segray.prepare import PrepareConfig, check_paths, prepare
-    from segray.runtime import init_ray
 
     config = PrepareConfig(source=args.source, dest=args.dest, size=args.size, skip_bad=args.skip_bad)
-
-    def body() -> None:
-        check_paths(config)  # refuse a --dest that prepare must not write into, before connecting to Ray
-        init_ray()
-        prepare(config)
-
-    return run_job("prepare", body, connect=False)
+    # A --dest that prepare must not write into is refused before connecting to Ray.
+    return run_job("prepare", lambda: prepare(config), preflight=lambda: check_paths(config))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Reading frame archives (``.tar``, ``.tar.gz``, ``.tgz``) as a stream of members.
+"""Reading frame containers (today tar archives: ``.tar``, ``.tar.gz``, ``.tgz``) as a stream of members.
+
+A container kind is one :class:`ContainerReader` in :data:`CONTAINER_READERS`: its extensions and
+a function that streams a container's members (:class:`Member`). Listing (segray/sources.py)
+and the load stage of infer (segray/frames.py) only ever call :func:`is_archive` and
+:func:`iter_archive`, which dispatch on the name; adding a kind is one reader plus one entry.
 
 Only the archive's name is listed on the driver (segray/sources.py); its members are read,
 streaming, in the Ray task that decodes them (:func:`iter_archive`), so a 100 GB archive costs
@@ -13,14 +18,14 @@ import gzip
 import lzma
 import tarfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from segray.errors import SegrayError
 from segray import storage
 from segray.layout import is_image
 from segray.names import clean_member_name, mask_rel, member_uri, name_problem, parents, unique
 
-ARCHIVE_EXTENSIONS: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
 # Bytes per read from storage while streaming an archive (one ranged GET on S3).
 ARCHIVE_READ_BUFFER = 8 * 2**20
 # A member this big is not a video frame (a 4K PNG is ~25 MB); refusing it keeps a task's
@@ -28,11 +33,7 @@ ARCHIVE_READ_BUFFER = 8 * 2**20
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 
 
-def is_archive(path: str) -> bool:
-    return path.lower().endswith(ARCHIVE_EXTENSIONS)
-
-
-class ArchiveError(tarfile.TarError):
+class ArchiveError(SegrayError, tarfile.TarError):
     """An archive that cannot be read to its end (not a tar, truncated, corrupt, unreadable).
 
     Raised by :func:`iter_archive` after the members read before the damage; ``str()`` is one
@@ -137,7 +138,7 @@ def _member_problem(info: tarfile.TarInfo) -> str:
     return f"a member of type {info.type!r}, not a file"
 
 
-def iter_archive(
+def iter_tar(
     archive_uri: str, skip: Iterable[str] = frozenset(), taken: Iterable[str] = ()
 ) -> Iterator[Member]:
     """Stream the members of a tar archive (plain, gzip, bzip2 or xz), one at a time, in order.
@@ -163,7 +164,7 @@ def iter_archive(
         # compression=None: tarfile tells a compressed archive by its bytes; pyarrow would
         # decompress by extension (and a .tar.gz that is a plain tar would fail). Buffered:
         # tarfile reads 512 bytes to 10 KiB at a time, and every read of a bare S3 stream is a
-        # GET of its own (218 ms a 300 KB frame in moto, docs/benchmarks.md).
+        # GET of its own (docs/benchmarks.md: "A bug this benchmark found").
         raw = fs.open_input_stream(path, compression=None, buffer_size=ARCHIVE_READ_BUFFER)
     except FileNotFoundError:
         raise
@@ -264,3 +265,47 @@ def _check_end(archive_uri: str, offset: int, stream: _Counted) -> None:
     if nonzero:
         raise ArchiveError(archive_uri, f"unreadable data after byte {offset} (a damaged member header, or "
                            "another archive appended); the members before it were processed")
+
+
+# ------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class ContainerReader:
+    """A kind of container of frames: the names it has and how its members are streamed.
+
+    ``read(uri, skip, taken)`` yields every member once, in order, as :func:`iter_tar` documents
+    (Members with ``error`` for what cannot be used, ``skip``: URIs already done, ``taken``: URIs
+    of other objects below the container's URI) and raises ArchiveError for damage."""
+
+    kind: str
+    extensions: tuple[str, ...]  # lower case, with the dot
+    read: Callable[[str, Iterable[str], Iterable[str]], Iterator[Member]]
+
+
+CONTAINER_READERS: tuple[ContainerReader, ...] = (
+    ContainerReader("tar", (".tar", ".tar.gz", ".tgz"), iter_tar),
+)
+ARCHIVE_EXTENSIONS: tuple[str, ...] = tuple(ext for r in CONTAINER_READERS for ext in r.extensions)
+
+
+def reader_for(path: str) -> ContainerReader | None:
+    """The reader of the container named ``path`` (by its longest matching extension), or None."""
+    lower = path.lower()
+    best = max(((len(ext), r) for r in CONTAINER_READERS for ext in r.extensions if lower.endswith(ext)),
+               key=lambda t: t[0], default=None)
+    return best[1] if best else None
+
+
+def is_archive(path: str) -> bool:
+    """Whether ``path`` names a container of frames that a registered reader reads."""
+    return reader_for(path) is not None
+
+
+def iter_archive(
+    archive_uri: str, skip: Iterable[str] = frozenset(), taken: Iterable[str] = ()
+) -> Iterator[Member]:
+    """The members of the container at ``archive_uri``, streamed by its kind's reader (a name
+    without a registered extension is read as a tar, which tells by the bytes)."""
+    reader = reader_for(archive_uri) or CONTAINER_READERS[0]
+    return reader.read(archive_uri, skip, taken)

@@ -19,7 +19,7 @@ Parquet schema (plain Arrow types, readable without segray or Ray):
 
     name    string   relative path of the source image without extension
     image   binary   H*W*3 uint8, RGB, row-major (H, W, 3); not an encoded PNG
-    label   binary   H*W uint8 class indices 0..10, 11 = void, row-major (H, W)
+    label   binary   H*W uint8 class indices 0..K-1 and the void index, row-major (H, W)
     height  int32
     width   int32
     source  string   URI of the source image
@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from segray import storage
-from segray.camvid import CLASSES, PALETTE, VOID_INDEX, VOID_NAME
+from segray.classes import CAMVID, ClassTable
+from segray.errors import SegrayError
 from segray.layout import SPLITS
 
 FORMAT = "segray-prepared-dataset/1"
@@ -59,7 +60,7 @@ SCHEMA = pa.schema(
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(SegrayError, ValueError):
     """A prepared dataset that cannot be used; the message names the URI and the fix."""
 
 
@@ -70,7 +71,7 @@ class DatasetInfo:
     height: int
     width: int
     splits: dict[str, int]  # split -> rows
-    class_pixel_counts: list[int]  # train split, per class 0..10 (void excluded)
+    class_pixel_counts: list[int]  # train split, per class 0..K-1 (void excluded)
     void_pixel_count: int  # train split
     source: str
     layout: str
@@ -80,15 +81,20 @@ class DatasetInfo:
     # Readers read exactly these; files of the folder not listed here are not part of it. Empty
     # in datasets written before the list existed: then every ``<split>/*.parquet`` is read.
     files: dict[str, list[str]] = field(default_factory=dict)
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))
-    palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in PALETTE])
-    void_index: int = VOID_INDEX
-    void_name: str = VOID_NAME
+    # The class table (classes.ClassTable.to_fields): the source's classes.json, else CamVid's 11.
+    classes: list[str] = field(default_factory=lambda: list(CAMVID.names))
+    palette: list[list[int]] = field(default_factory=lambda: CAMVID.palette)
+    void_index: int = CAMVID.void_index
+    void_name: str = CAMVID.void_name
     format: str = FORMAT
     schema: dict[str, str] = field(default_factory=lambda: {f.name: str(f.type) for f in SCHEMA})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
+
+    @property
+    def class_table(self) -> ClassTable:
+        return ClassTable.from_fields(self.classes, self.palette, self.void_index, self.void_name)
 
 
 def split_uri(dataset_uri: str, split: str) -> str:
@@ -153,7 +159,12 @@ def load_info(dataset_uri: str) -> DatasetInfo:
     if raw.get("format") != FORMAT:
         raise DatasetError(f"{uri}: format {raw.get('format')!r}, expected {FORMAT!r}; rerun jobs/prepare.py")
     known = set(DatasetInfo.__dataclass_fields__)
-    return DatasetInfo(**{k: v for k, v in raw.items() if k in known})
+    info = DatasetInfo(**{k: v for k, v in raw.items() if k in known})
+    try:
+        info.class_table  # noqa: B018 - the class fields must make a usable table
+    except ValueError as e:
+        raise DatasetError(f"{uri}: {e}; rerun jobs/prepare.py") from None
+    return info
 
 
 def rows_to_arrays(batch: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:

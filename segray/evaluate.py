@@ -16,11 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from segray import storage
-from segray.camvid import CLASSES, PALETTE, VOID_INDEX
+from segray import sources, storage
+from segray.classes import CAMVID, ClassTable
+from segray.errors import SegrayError
+from segray.layout import label_color_table
 from segray.predictions import (
     COL_ACCURACY,
-    COL_CONFUSION,
     COL_LABEL_URI,
     COL_MASK,
     COL_URI,
@@ -28,12 +29,16 @@ from segray.predictions import (
     PREDICTIONS_DIR,
     PREDICTIONS_SCHEMA,
     parquet_files,
+    read_confusion,
+    read_record,
 )
-from segray.preprocess import decode_image, decode_index_label
+from segray.preprocess import decode_image, decode_label
 from segray.report import GENERATOR_TAG, REPORT_FILE, Example, write_report
 
-# Small, often occluded classes whose IoU hides how many objects are missed (the CamVid weak spot).
+# Small, often occluded classes whose IoU hides how many objects are missed (the CamVid weak spot);
+# for another class table, the SMALL_CLASS_COUNT classes with the fewest labelled pixels.
 SMALL_CLASSES: tuple[int, ...] = (2, 6, 9, 10)  # Pole, SignSymbol, Pedestrian, Bicyclist
+SMALL_CLASS_COUNT = 4
 SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
     ("< 64 px", 0, 64),
     ("64-255 px", 64, 256),
@@ -52,16 +57,6 @@ def read_table(folder: str, columns: list[str] | None = None, filters=None):
     fs, _ = storage.resolve(files[0])
     return pq.read_table([storage.resolve(f)[1] for f in files], filesystem=fs, columns=columns, filters=filters,
                          schema=PREDICTIONS_SCHEMA)
-
-
-def summed_confusion(output: str, num_classes: int = len(CLASSES)) -> np.ndarray:
-    """``(C, C)`` int64: the confusion counts of every labelled row of ``predictions/``."""
-    table = read_table(storage.join(output, PREDICTIONS_DIR), columns=[COL_CONFUSION])
-    cm = np.zeros(num_classes * num_classes, dtype=np.int64)
-    for row in table.column(COL_CONFUSION).to_pylist():
-        if row is not None:
-            cm += np.asarray(row, dtype=np.int64)
-    return cm.reshape(num_classes, num_classes)
 
 
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -121,7 +116,7 @@ def small_object_stats(pairs: list[tuple[np.ndarray, np.ndarray]], classes=SMALL
     return stats
 
 
-def small_object_table(stats: dict, class_names=CLASSES) -> str:
+def small_object_table(stats: dict, class_names=CAMVID.names) -> str:
     head = "<tr><th>class</th><th>object size</th><th>objects</th><th>pixel recall</th><th>objects found (≥50% px)</th></tr>"
     rows = []
     for c, buckets in stats.items():
@@ -145,22 +140,54 @@ def _load_history(run: str | None) -> list[dict]:
     return data.get("history", []) if isinstance(data, dict) else []
 
 
-def _read_example(row: dict) -> Example | None:
+def _read_label(row: dict, classes: ClassTable, colors: tuple) -> np.ndarray | None:
+    """The frame's label with the one decoder of prepare and infer (index or colour-coded ``_L``
+    PNG, by its name as the listing paired it), or None when it cannot be read now."""
+    uri = row.get(COL_LABEL_URI)
+    if not uri:
+        return None
+    kind = sources.label_key(uri.rsplit("/", 1)[-1])[1]
+    try:
+        return decode_label(storage.read_bytes(uri), uri, classes, colors if kind == sources.LABEL_COLOR else None)[0]
+    except Exception:  # noqa: BLE001 - a label that vanished or changed since infer: left out of the pictures
+        return None
+
+
+def _read_example(row: dict, classes: ClassTable, colors: tuple) -> Example | None:
     try:
         image = decode_image(storage.read_bytes(row[COL_URI]), row[COL_URI])
     except Exception:  # noqa: BLE001 - archive members and vanished files are left out of the pictures
         return None
     pred = np.asarray(Image.open(io.BytesIO(row[COL_MASK])))
-    label = None
-    if row.get(COL_LABEL_URI):
-        try:
-            label = decode_index_label(storage.read_bytes(row[COL_LABEL_URI]), row[COL_LABEL_URI])
-        except Exception:  # noqa: BLE001 - colour-coded labels: show the prediction only
-            label = None
+    label = _read_label(row, classes, colors)
     return Example(row[COL_URI].rsplit("/", 1)[-1], image, pred, label, row.get(COL_ACCURACY))
 
 
-class EvaluateError(ValueError):
+def output_classes(output: str, names: list[str]) -> ClassTable:
+    """The class table of an infer output: what its ``infer.json`` recorded, else (an output written
+    before it did) CamVid's when ``metrics.parquet`` names CamVid's classes, else the names with
+    grey shades."""
+    fields = read_record(output).get("classes")
+    if isinstance(fields, dict):
+        try:
+            return ClassTable.from_fields(**fields)
+        except (TypeError, ValueError):
+            pass
+    if list(names) == list(CAMVID.names):
+        return CAMVID
+    shades = [[int(40 + 200 * i / max(1, len(names) - 1))] * 3 for i in range(len(names))]
+    return ClassTable(tuple(names), tuple(tuple(c) for c in shades), 255)
+
+
+def small_classes(classes: ClassTable, cm: np.ndarray) -> tuple[int, ...]:
+    """The classes of the small-object table (SMALL_CLASSES for CamVid)."""
+    if classes.names == CAMVID.names:
+        return SMALL_CLASSES
+    present = [c for c in range(classes.num_classes) if cm[c].sum() > 0]
+    return tuple(sorted(sorted(present, key=lambda c: cm[c].sum())[:SMALL_CLASS_COUNT]))
+
+
+class EvaluateError(SegrayError, ValueError):
     """The report cannot be written as asked; the message names the URI and the fix."""
 
 
@@ -183,7 +210,9 @@ def build_report(output: str, dest: str, run: str | None = None, title: str = "s
     check_dest(dest)
     if not storage.exists(storage.join(output, METRICS_FILE)):
         raise FileNotFoundError(f"{output}: no {METRICS_FILE}; run jobs/infer.py with --labels to this output first")
-    cm = summed_confusion(output)
+    cm, names = read_confusion(output)
+    classes = output_classes(output, names)
+    colors = label_color_table(read_record(output).get("labels"))
     table = read_table(storage.join(output, PREDICTIONS_DIR), columns=[COL_URI, COL_LABEL_URI, COL_ACCURACY])
     scored = [r for r in table.to_pylist() if r[COL_ACCURACY] is not None]
     scored.sort(key=lambda r: r[COL_ACCURACY])
@@ -196,21 +225,20 @@ def build_report(output: str, dest: str, run: str | None = None, title: str = "s
         rows = {r[COL_URI]: r for r in full.to_pylist()}
     picked = []
     for r in scored[-half:][::-1] + scored[:half]:
-        ex = _read_example(rows[r[COL_URI]]) if r[COL_URI] in rows else None
+        ex = _read_example(rows[r[COL_URI]], classes, colors) if r[COL_URI] in rows else None
         if ex is not None and ex.name not in [p.name for p in picked]:
             picked.append(ex)
     pairs = []
     for r in rows.values():
-        if r.get(COL_LABEL_URI):
-            try:
-                label = decode_index_label(storage.read_bytes(r[COL_LABEL_URI]), r[COL_LABEL_URI])
-            except Exception:  # noqa: BLE001
-                continue
+        label = _read_label(r, classes, colors)
+        if label is not None:
             pairs.append((label, np.asarray(Image.open(io.BytesIO(r[COL_MASK])))))
-    sections = [("Small objects by size", small_object_table(small_object_stats(pairs)) +
+    stats = small_object_stats(pairs, small_classes(classes, cm))
+    sections = [("Small objects by size", small_object_table(stats, classes.names) +
                  f"<p>Over {len(pairs)} labelled frames. Object = 4-connected region of the class in the label.</p>")]
-    facts = {"predictions": output, "frames scored": f"{len(scored)}", "void label": f"{VOID_INDEX} (ignored)"}
+    facts = {"predictions": output, "frames scored": f"{len(scored)}", "classes": f"{classes.num_classes}",
+             "void label": f"{classes.void_index} (ignored)"}
     if run:
         facts["training run"] = run
     return write_report(dest, title=title, cm=cm, history=_load_history(run), examples=picked, facts=facts,
-                        sections=sections, class_names=CLASSES, palette=PALETTE)
+                        sections=sections, classes=classes)

@@ -1,18 +1,36 @@
-"""What every job entrypoint shares: connect to Ray, run, and fail with one clear line."""
+"""What every job entrypoint shares: flag defaults from the stage's config, one connection to Ray
+(runtime.init_ray, after the checks that need no cluster), and failing with one clear line."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from segray.errors import one_line
 from segray.runtime import init_ray
 
 
-def run_job(stage: str, body: Callable[[], object], connect: bool = True, gpu: bool = False) -> int:
-    """Run ``body`` on the cluster; exit code 0 on success, 1 with ``<stage>: error: ...`` on failure.
-    ``gpu``: the job's model runs on GPU workers (runtime.worker_env)."""
+def defaults(config_class: type) -> dict[str, Any]:
+    """Every field default of a stage's config dataclass: the one source of its flags' defaults."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def run_job(stage: str, body: Callable[[], object], connect: bool = True, gpu: bool = False,
+            preflight: Callable[[], object] | None = None) -> int:
+    """Run ``preflight`` (checks that need no cluster), connect to Ray (unless ``connect`` is
+    False: a stage that connects itself, after its own checks, through the same init_ray), then
+    ``body``; exit code 0 on success, 1 with ``<stage>: error: ...`` on failure. ``gpu``: the
+    job's model runs on GPU workers (runtime.worker_env)."""
     try:
+        if preflight is not None:
+            preflight()
         if connect:
             init_ray(gpu=gpu)
         body()

@@ -1,61 +1,119 @@
-"""The U-Net of Ronneberger et al. (2015) and its config; nothing else lives here.
+"""The segmentation networks, their configs, and the registry that names them.
 
-The config is a small frozen dataclass that travels inside every checkpoint and the exported
-model, so inference rebuilds the exact network from the artifact alone (`UNetConfig.from_dict`).
+A network is known by a short name, its *arch* ("unet", "fcn"). Its config is a small frozen
+dataclass that travels (as ``to_dict()``, next to the arch) inside every checkpoint and the
+exported model, so inference rebuilds the exact network from the artifact alone:
+``build_network(arch, args)``, or ``build_model(config)`` for a config instance.
+
+Every config has at least ``in_channels`` and ``num_classes``; every network maps a float image
+``(N, in_channels, H, W)`` to float logits ``(N, num_classes, H, W)`` for any H, W >= 1.
+
+Adding a network takes three things, all in this file and nothing elsewhere:
+
+1. a config dataclass: ``@dataclass(frozen=True)``, subclass of ``NetworkConfig``, with the
+   fields ``in_channels`` and ``num_classes`` plus its own (int fields are checked to be
+   positive ints; check other fields in ``__post_init__``, calling ``super().__post_init__()``);
+2. the ``nn.Module`` class, whose ``__init__`` takes that config (and keeps it as ``.config``);
+3. one ``Network(...)`` entry in ``NETWORKS`` below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segray.camvid import NUM_CLASSES
+from segray.errors import SegrayError
+
+DEFAULT_ARCH = "unet"
+
+
+class ModelConfigError(SegrayError, ValueError):
+    """An unknown network name or bad network arguments; the message names the network."""
+
+
+def _arch_label(config_type: type) -> str:
+    """``network 'unet'`` for a registered config type, its class name otherwise (for messages)."""
+    for entry in NETWORKS.values():
+        if entry.config_type is config_type:
+            return f"network {entry.name!r}"
+    return config_type.__name__
 
 
 @dataclass(frozen=True)
-class UNetConfig:
-    """Shape of the network: input channels, output classes, width and depth.
-
-    Level i of the encoder has `base_channels * 2**i` channels, i = 0..depth; the input is
-    padded to a multiple of `2**depth` pixels because every level halves the resolution.
-    """
-
-    in_channels: int = 3
-    num_classes: int = NUM_CLASSES
-    base_channels: int = 64
-    depth: int = 4
+class NetworkConfig:
+    """Base of the config dataclasses: checks, ``to_dict`` and ``from_dict``."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
+            if field.type not in (int, "int"):
+                continue
             value = getattr(self, field.name)
             # bool is an int subclass; True as a channel count is always a mistake.
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"UNetConfig.{field.name} must be a positive int, got {value!r}")
+                raise ModelConfigError(
+                    f"{_arch_label(type(self))}: {field.name} must be a positive int, got {value!r}"
+                )
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields, for JSON metadata and checkpoints."""
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
+    def from_dict(cls, d: Mapping[str, Any]):
         """Inverse of `to_dict`; missing keys take their defaults.
 
         Unknown keys raise instead of being dropped: a key we do not understand means the
         artifact was written by another version, and silently building a different network
         would only fail later, at `load_state_dict`, with a less clear message.
         """
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        label = _arch_label(cls)
+        if not isinstance(d, Mapping):
+            raise ModelConfigError(f"{label}: arguments must be a mapping, got {type(d).__name__}")
+        fields = dataclasses.fields(cls)
+        known = sorted(field.name for field in fields)
+        unknown = sorted(map(str, set(d) - set(known)))
         if unknown:
-            raise ValueError(
-                f"unknown UNetConfig keys {unknown}; valid keys are {sorted(known)}"
-            )
+            raise ModelConfigError(f"{label}: unknown arguments {unknown}; valid arguments are {known}")
+        missing = sorted(
+            field.name
+            for field in fields
+            if field.name not in d
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        )
+        if missing:
+            raise ModelConfigError(f"{label}: missing arguments {missing}")
         return cls(**dict(d))
+
+
+@dataclass(frozen=True)
+class UNetConfig(NetworkConfig):
+    """Shape of the U-Net: input channels, output classes, width and depth.
+
+    Level i of the encoder has `base_channels * 2**i` channels, i = 0..depth; the input is
+    padded to a multiple of `2**depth` pixels because every level halves the resolution.
+    """
+
+    in_channels: int = 3
+    num_classes: int = 11  # CamVid's 11 classes: the default of models exported before the registry
+    base_channels: int = 64
+    depth: int = 4
+
+
+@dataclass(frozen=True)
+class FCNConfig(NetworkConfig):
+    """Shape of the FCN: the U-Net's encoder (same widths and depth), no decoder."""
+
+    in_channels: int = 3
+    num_classes: int = 11
+    base_channels: int = 64
+    depth: int = 4
 
 
 class DoubleConv(nn.Sequential):
@@ -94,8 +152,27 @@ class Up(nn.Module):
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
+def _check_and_pad(net: nn.Module, x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """Refuse input of the wrong rank or channel count; zero-pad H, W up to ``multiple``.
+
+    Returns the padded input and the original H, W to crop the logits back to.
+
+    Zero padding rather than reflect: reflect needs pad < size and so fails on small inputs
+    (e.g. 1x1 -> 16x16), while zeros work for any size, match what every 3x3 conv already sees
+    at the border, and equal the mean colour of a normalised image. Bottom/right only, so the
+    caller's crop back to (H, W) is a plain slice from the origin.
+    """
+    in_channels = net.config.in_channels
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{type(net).__name__} expects (N, {in_channels}, H, W) input, got {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    pad_h = -height % multiple
+    pad_w = -width % multiple
+    return (F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x), height, width
+
+
 class UNet(nn.Module):
-    """U-Net: (N, in_channels, H, W) float image -> (N, num_classes, H, W) float logits.
+    """U-Net of Ronneberger et al. (2015): (N, in_channels, H, W) -> (N, num_classes, H, W) logits.
 
     Any H, W >= 1 is accepted: the input is zero-padded at the bottom and right up to a
     multiple of 2**depth and the logits are cropped back to (H, W).
@@ -113,21 +190,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], config.num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"UNet expects (N, {self.config.in_channels}, H, W) input, got {tuple(x.shape)}"
-            )
-        height, width = x.shape[-2:]
-        multiple = 2**self.config.depth
-        pad_h = -height % multiple
-        pad_w = -width % multiple
-        if pad_h or pad_w:
-            # Zero padding rather than reflect: reflect needs pad < size and so fails on small
-            # inputs (e.g. 1x1 -> 16x16), while zeros work for any size, match what every 3x3
-            # conv already sees at the border, and equal the mean colour of a normalised image.
-            # Bottom/right only, so the crop below is a plain slice from the origin.
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-
+        x, height, width = _check_and_pad(self, x, 2**self.config.depth)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
@@ -137,9 +200,89 @@ class UNet(nn.Module):
         return self.head(x)[..., :height, :width]
 
 
-def build_model(config: UNetConfig) -> UNet:
+class FCN(nn.Module):
+    """Fully convolutional encoder, 1x1 classifier, bilinear upsampling; no skip connections.
+
+    The encoder is the U-Net's (DoubleConv, then `depth` Down blocks); the logits of its coarsest
+    level (1/2**depth of the input) are upsampled bilinearly to the padded size and cropped back
+    to (H, W), so any H, W >= 1 is accepted, as for the U-Net.
+    """
+
+    def __init__(self, config: FCNConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.base_channels * 2**i for i in range(config.depth + 1)]
+        self.inc = DoubleConv(config.in_channels, widths[0])
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(config.depth))
+        self.head = nn.Conv2d(widths[-1], config.num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, height, width = _check_and_pad(self, x, 2**self.config.depth)
+        padded = x.shape[-2:]
+        x = self.inc(x)
+        for down in self.downs:
+            x = down(x)
+        logits = F.interpolate(self.head(x), size=padded, mode="bilinear", align_corners=False)
+        return logits[..., :height, :width]
+
+
+@dataclass(frozen=True)
+class Network:
+    """A registry entry: the name, the config dataclass, what builds the module, one line for help."""
+
+    name: str
+    config_type: type[NetworkConfig]
+    builder: Callable[[Any], nn.Module]
+    description: str
+
+
+NETWORKS: Mapping[str, Network] = MappingProxyType({
+    entry.name: entry
+    for entry in (
+        Network("unet", UNetConfig, UNet, "U-Net (Ronneberger et al. 2015): encoder-decoder with skip connections"),
+        Network("fcn", FCNConfig, FCN, "FCN: the U-Net's encoder, 1x1 classifier, bilinear upsampling, no skips"),
+    )
+})
+
+
+def network_names() -> list[str]:
+    """The registered network names, sorted."""
+    return sorted(NETWORKS)
+
+
+def _entry(arch: str) -> Network:
+    if not isinstance(arch, str) or arch not in NETWORKS:
+        raise ModelConfigError(f"unknown network {arch!r}; known networks: {', '.join(network_names())}")
+    return NETWORKS[arch]
+
+
+def network_config(arch: str, args: Mapping[str, Any]) -> NetworkConfig:
+    """The config of network ``arch`` from its arguments (missing ones take their defaults).
+
+    Raises ModelConfigError for an unknown name (listing the known ones), an unknown argument
+    (listing the valid ones) or a bad value (naming the argument and the network)."""
+    return _entry(arch).config_type.from_dict(args)
+
+
+def arch_of(config: NetworkConfig) -> str:
+    """The registry name of a config instance (``arch_of(UNetConfig()) == "unet"``)."""
+    for entry in NETWORKS.values():
+        if type(config) is entry.config_type:
+            return entry.name
+    raise ModelConfigError(
+        f"{type(config).__name__} is not the config of a registered network; known networks: "
+        f"{', '.join(network_names())}"
+    )
+
+
+def build_model(config: NetworkConfig) -> nn.Module:
     """The one place a network is made from a config (training, export and inference)."""
-    return UNet(config)
+    return NETWORKS[arch_of(config)].builder(config)
+
+
+def build_network(arch: str, args: Mapping[str, Any]) -> nn.Module:
+    """``build_model(network_config(arch, args))``."""
+    return build_model(network_config(arch, args))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -3,9 +3,13 @@
 ``<storage>/<name>/model/`` holds
 
     model.pt      the network's state_dict, loadable with ``torch.load(..., weights_only=True)``
-    config.json   ModelSpec: network config, classes, palette, void index, input size, normalisation
+    config.json   ModelSpec: network name (arch) and config, classes, palette, void index, input size,
+                  normalisation
 
 so inference rebuilds the model from the folder alone, without unpickling arbitrary objects.
+
+Formats: "segray-model/2" (written) has ``arch``, the registry name of the network
+(``segray.model.NETWORKS``); "segray-model/1" (still read) has none and always meant "unet".
 """
 
 from __future__ import annotations
@@ -20,42 +24,56 @@ import numpy as np
 import torch
 
 from segray import storage
-from segray.camvid import CLASSES, PALETTE, VOID_INDEX
-from segray.model import UNet, UNetConfig, build_model
+from segray.errors import SegrayError
+from segray.classes import CAMVID, ClassTable
+from segray.model import DEFAULT_ARCH, NetworkConfig, build_model, network_config, network_names
 
 MODEL_DIR = "model"
 WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
-FORMAT = "segray-model/1"
+FORMAT = "segray-model/2"
+FORMAT_V1 = "segray-model/1"  # before the network registry: no "arch" ...
+FORMAT_V1_ARCH = "unet"  # ... and always this network
 
 # ImageNet statistics: a standard, documented choice that keeps inputs near zero mean.
 DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
-class ModelError(ValueError):
+class ModelError(SegrayError, ValueError):
     """A model folder that cannot be used; the message names the URI and the fix."""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    model: dict  # UNetConfig.to_dict()
+    model: dict  # the network's config, to_dict(); see segray.model.network_config
     input_height: int
     input_width: int
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))
-    palette: list[list[int]] = field(default_factory=lambda: [list(c) for c in PALETTE])
-    void_index: int = VOID_INDEX
+    # The class table (classes.ClassTable.to_fields, without void_name): the training data's.
+    classes: list[str] = field(default_factory=lambda: list(CAMVID.names))
+    palette: list[list[int]] = field(default_factory=lambda: CAMVID.palette)
+    void_index: int = CAMVID.void_index
     mean: tuple[float, float, float] = DEFAULT_MEAN  # applied to pixels scaled to [0, 1]
     std: tuple[float, float, float] = DEFAULT_STD
     format: str = FORMAT
+    arch: str = DEFAULT_ARCH  # registry name of the network, segray.model.NETWORKS
 
     @property
-    def unet(self) -> UNetConfig:
-        return UNetConfig.from_dict(self.model)
+    def network(self) -> NetworkConfig:
+        """The network's config (raises segray.model.ModelConfigError if it does not parse)."""
+        return network_config(self.arch, self.model)
+
+    @property
+    def num_classes(self) -> int:
+        return self.network.num_classes
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.input_height, self.input_width
+
+    @property
+    def class_table(self) -> ClassTable:
+        return ClassTable.from_fields(self.classes, self.palette, self.void_index)
 
 
 def images_to_tensor(
@@ -103,19 +121,33 @@ def load_spec(uri: str) -> ModelSpec:
         raw = json.loads(storage.read_bytes(config_uri))
     except json.JSONDecodeError as e:
         raise ModelError(f"{config_uri}: not valid JSON ({e})") from None
-    if raw.get("format") != FORMAT:
-        raise ModelError(f"{config_uri}: format {raw.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(raw, dict) or raw.get("format") not in (FORMAT, FORMAT_V1):
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise ModelError(f"{config_uri}: format {found!r}, expected {FORMAT!r}")
+    if raw["format"] == FORMAT_V1:
+        # Version 1 had no arch (an "arch" key would have been ignored) and always meant FORMAT_V1_ARCH.
+        # The spec read is complete in today's terms, so it carries today's format.
+        raw = {**raw, "arch": FORMAT_V1_ARCH, "format": FORMAT}
+    arch = raw.get("arch", DEFAULT_ARCH)
+    if not isinstance(arch, str) or arch not in network_names():
+        raise ModelError(f"{config_uri}: unknown network {arch!r}; known networks: {', '.join(network_names())} "
+                         "(a model exported by another segray version?)")
     known = set(ModelSpec.__dataclass_fields__)
     raw = {k: v for k, v in raw.items() if k in known}
     try:
         raw["mean"], raw["std"] = tuple(raw.get("mean", DEFAULT_MEAN)), tuple(raw.get("std", DEFAULT_STD))
         spec = ModelSpec(**raw)
-        spec.unet  # noqa: B018 - the network config must parse too
+        num_classes = spec.num_classes  # the network config must parse too
         if spec.input_height < 1 or spec.input_width < 1:
             raise ValueError(f"input size {spec.input_height}x{spec.input_width}")
+        classes = len(spec.classes)
+        spec.class_table  # noqa: B018 - names, palette and void must make a usable table
     except (TypeError, ValueError, KeyError) as e:
         raise ModelError(f"{config_uri}: not a segray model config ({' '.join(str(e).split())[:200]}); "
                          "export the model again") from None
+    if classes != num_classes:
+        raise ModelError(f"{config_uri}: {classes} classes listed but the network has num_classes={num_classes}; "
+                         "export the model again")
     return spec
 
 
@@ -150,15 +182,15 @@ def fingerprint(uri: str) -> str:
     return digest.hexdigest()
 
 
-def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, ModelSpec]:
+def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
     """Rebuild the exported model from ``uri`` (run folder or ``model/``), in eval mode on ``device``."""
     spec = load_spec(uri)
     weights_uri = storage.join(model_dir(uri), WEIGHTS_FILE)
     state = load_tensors(storage.read_bytes(weights_uri), weights_uri)
     try:
-        model = build_model(spec.unet)
+        model = build_model(spec.network)
     except Exception as e:  # noqa: BLE001 - a config.json whose network cannot be built
-        raise ModelError(f"{storage.join(model_dir(uri), CONFIG_FILE)}: cannot build its network {spec.model} "
+        raise ModelError(f"{storage.join(model_dir(uri), CONFIG_FILE)}: cannot build its network {spec.arch} {spec.model} "
                          f"({' '.join(str(e).split())[:200]})") from None
     if not isinstance(state, dict):
         raise ModelError(f"{weights_uri}: holds a {type(state).__name__}, not a state_dict of tensors")
@@ -167,7 +199,7 @@ def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[UNet, Mode
     except Exception as e:  # noqa: BLE001 - missing/unexpected keys, wrong shapes
         reason = " ".join(str(e).split())
         raise ModelError(
-            f"{weights_uri}: the weights do not fit the network of {CONFIG_FILE} {spec.model} ({reason[:300]}); "
+            f"{weights_uri}: the weights do not fit the network of {CONFIG_FILE} {spec.arch} {spec.model} ({reason[:300]}); "
             "the two files must come from the same export"
         ) from None
     return model.to(device).eval(), spec

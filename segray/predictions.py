@@ -310,6 +310,7 @@ METRICS_SCHEMA = pa.schema(
         ("images", pa.int64()),  # overall row only: predicted frames
         ("labelled_images", pa.int64()),  # overall row only: predicted frames with a label
         ("error_images", pa.int64()),  # overall row only: rows of errors/
+        ("confusion", pa.list_(pa.int64())),  # class rows: cm[c, :], the class's row of the summed matrix
     ]
 )
 
@@ -333,6 +334,7 @@ def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
                 "label_pixels": int(cm[c].sum()),
                 "predicted_pixels": int(cm[:, c].sum()),
                 "mask_pixels": int(totals.class_pixels[c]),
+                "confusion": cm[c].astype(np.int64).tolist(),
             }
         )
     total = int(cm.sum())
@@ -351,3 +353,43 @@ def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
         }
     )
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def read_record(output: str) -> dict:
+    """``<output>/infer.json`` ({} when there is none or it is not a segray record)."""
+    import json
+
+    uri = storage.join(output, RUN_FILE)
+    if not storage.exists(uri):
+        return {}
+    try:
+        raw = json.loads(storage.read_bytes(uri))
+    except ValueError:
+        return {}
+    return raw if isinstance(raw, dict) and raw.get("format") == RUN_FORMAT else {}
+
+
+def read_confusion(output: str) -> tuple[np.ndarray, list[str]]:
+    """The summed confusion matrix ``(C, C)`` int64 and the class names of ``metrics.parquet``:
+    the matrix every figure of the output was computed from. An output written before
+    metrics.parquet held the matrix has it summed from ``predictions/`` (its confusion column)."""
+    fs, path = storage.resolve(storage.join(output, METRICS_FILE))
+    table = pq.read_table(path, filesystem=fs)
+    rows = [r for r in table.to_pylist() if r.get("class_index") is not None]
+    rows.sort(key=lambda r: r["class_index"])
+    names = [r["class_name"] for r in rows]
+    if rows and all(r.get("confusion") is not None for r in rows):
+        return np.asarray([r["confusion"] for r in rows], dtype=np.int64).reshape(len(rows), len(rows)), names
+    cm = np.zeros(len(names) * len(names), dtype=np.int64)
+    files = parquet_files(storage.join(output, PREDICTIONS_DIR))
+    if files:
+        pfs, _ = storage.resolve(files[0])
+        column = pq.read_table([storage.resolve(f)[1] for f in files], filesystem=pfs, columns=[COL_CONFUSION],
+                               schema=PREDICTIONS_SCHEMA).column(COL_CONFUSION)
+        for row in column.to_pylist():
+            if row is not None:
+                cm += np.asarray(row, dtype=np.int64)
+    return cm.reshape(len(names), len(names)), names

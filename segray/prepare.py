@@ -40,22 +40,17 @@ import dataclasses
 import io
 import json
 import logging
-import os
-import posixpath
-import re
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 from PIL import Image
 
 from segray import storage
 from segray.errors import describe
-from segray.camvid import NUM_CLASSES, VOID_INDEX
+from segray.classes import CAMVID, ClassTable
 from segray.dataset import (
     COL_HEIGHT,
     COL_IMAGE,
@@ -65,21 +60,28 @@ from segray.dataset import (
     COL_WIDTH,
     DATASET_FILE,
     SCHEMA,
-    DatasetError,
     DatasetInfo,
-    is_shard_path,
-    listed_files,
-    load_info,
     split_uri,
     write_info,
+)
+from segray.destination import (
+    MANIFEST_FORMAT,
+    PrepareError,
+    _by_split,
+    _discard_run,
+    _delete_files,
+    _new_run_id,
+    _run_files,
+    check_dest,
+    check_dest_outside_source,
+    is_manifest,
 )
 from segray.layout import ORIGINAL, SPLITS, Layout, detect
 from segray.preprocess import (
     BadInputError,
     color_lookup,
-    colors_to_index,
     decode_image,
-    decode_index_label,
+    decode_label,
     resize_image,
     resize_label,
 )
@@ -93,21 +95,8 @@ PAIRS_PER_BATCH = 8
 
 _COL_SPLIT = "split"
 _COL_ERROR = "error"
-_COL_COUNTS = "class_counts"  # NUM_CLASSES + 1 (void last) pixel counts
+_COL_COUNTS = "class_counts"  # 256 pixel counts, one per label value (classes and void)
 _COL_UNMAPPED = "unmapped"
-
-# The in-progress manifest of a run: ``<dest>/.segray-prepare-<run>.json``.
-MANIFEST_FORMAT = "segray-prepare-run/1"
-_MANIFEST = re.compile(r"^\.segray-prepare-([0-9A-Za-z-]+)\.json$")
-# Files segray's own storage helpers may leave at the top of dest when killed (the write probe
-# of storage.check_writable, the temporary name of storage.write_bytes): never counted as
-# foreign, never deleted.
-_OWN_TEMPORARY = re.compile(r"^(\.segray-write-probe-[0-9a-f]+|dataset\.json\.tmp-[0-9a-f]+)$")
-
-
-class PrepareError(ValueError):
-    """The source cannot be prepared; the message names the file(s) and the fix."""
-
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -124,15 +113,13 @@ def process_pair(
     label_uri: str,
     size: tuple[int, int],
     lookup: tuple[np.ndarray, np.ndarray] | None,
+    classes: ClassTable = CAMVID,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Decode, check and resize one pair -> image (h, w, 3), label (h, w), unmapped pixels.
 
-    ``lookup`` is the colour table of the original layout (None: index labels)."""
+    ``lookup`` is the colour table of the original layout (None: index labels of ``classes``)."""
     image = decode_image(image_bytes, image_uri)
-    if lookup is None:
-        label, unmapped = decode_index_label(label_bytes, label_uri), 0
-    else:
-        label, unmapped = colors_to_index(decode_image(label_bytes, label_uri), lookup)
+    label, unmapped = decode_label(label_bytes, label_uri, classes, lookup)
     if label.shape != image.shape[:2]:
         raise BadInputError(
             f"{label_uri}: label is {label.shape[1]}x{label.shape[0]} but its image {image_uri} is "
@@ -153,7 +140,7 @@ def _name_problem(source: str, pair) -> str:
     return ""
 
 
-def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None) -> pa.Table:
+def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None, classes: ClassTable = CAMVID) -> pa.Table:
     lookup = color_lookup(colors) if colors else None
     h, w = size
     rows: dict[str, list] = {k: [] for k in (*SCHEMA.names, _COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED)}
@@ -161,15 +148,15 @@ def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None) -> 
     for split, name, image_uri, label_uri, problem in zip(batch["split"], batch["name"], batch["image"], batch["label"],
                                                           problems):
         error, image, label, unmapped = "", b"", b"", 0
-        counts = [0] * (NUM_CLASSES + 1)
+        counts = [0] * 256
         try:
             if problem:
                 raise BadInputError(problem)
             img, lab, unmapped = process_pair(
-                storage.read_bytes(image_uri), storage.read_bytes(label_uri), image_uri, label_uri, size, lookup
+                storage.read_bytes(image_uri), storage.read_bytes(label_uri), image_uri, label_uri, size, lookup, classes
             )
             image, label = img.tobytes(), lab.tobytes()
-            counts = np.bincount(lab.ravel(), minlength=NUM_CLASSES + 1)[: NUM_CLASSES + 1].tolist()
+            counts = np.bincount(lab.ravel(), minlength=256).tolist()  # per label value: classes and void
         except (BadInputError, storage.StorageError) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 - a mode PIL cannot convert, ...: that pair's error, not the job's
@@ -205,146 +192,6 @@ def _first_image_size(uri: str) -> tuple[int, int]:
         raise PrepareError(f"{uri}: cannot read its size ({e}); pass --size HxW or fix the file") from None
 
 
-# ------------------------------------------------------------------------ where prepare writes
-
-
-def _segments(uri: str) -> tuple[str, tuple[str, ...]]:
-    """(scheme, path segments) of a normalized URI; local paths with symlinks resolved."""
-    if storage.is_s3(uri):
-        return "s3", tuple(p for p in uri[len(storage.S3_SCHEME):].split("/") if p)
-    return "file", tuple(p for p in os.path.realpath(uri).split(os.sep) if p)
-
-
-def check_dest_outside_source(source: str, dest: str) -> None:
-    """Refuse a ``dest`` that is ``source``, lies inside it or contains it (normalized URIs)."""
-    (s_scheme, s), (d_scheme, d) = _segments(source), _segments(dest)
-    if s_scheme != d_scheme:
-        return
-    if s == d:
-        where = f"--dest {dest} is the --source {source}"
-    elif d[: len(s)] == s:
-        where = f"--dest {dest} lies inside --source {source}"
-    elif s[: len(d)] == d:
-        where = f"--source {source} lies inside --dest {dest}"
-    else:
-        return
-    raise PrepareError(
-        f"{where}; prepare never writes where it reads (a rerun would replace files of the source): "
-        "pass a --dest outside the source, e.g. a sibling folder such as "
-        f"{_sibling(source)}"
-    )
-
-
-def _sibling(source: str) -> str:
-    if storage.is_s3(source):
-        parent, name = posixpath.split(source[len(storage.S3_SCHEME):].rstrip("/"))
-        return storage.S3_SCHEME + posixpath.join(parent, f"{name}-prepared") if parent else f"{source}/../prepared"
-    parent, name = os.path.split(source.rstrip(os.sep))
-    return os.path.join(parent, f"{name}-prepared")
-
-
-@dataclass
-class DestState:
-    """What an existing ``dest`` holds, as prepare sees it (relative ``/`` paths)."""
-
-    info: DatasetInfo | None = None  # the earlier dataset's dataset.json, if any
-    dataset: list[str] = field(default_factory=list)  # the files it lists
-    leftovers: list[str] = field(default_factory=list)  # files of interrupted runs (manifests last)
-    foreign: list[str] = field(default_factory=list)  # files segray did not write: never touched
-
-
-def _read_manifest(dest: str, rel: str) -> dict | None:
-    try:
-        raw = json.loads(storage.read_bytes(storage.join(dest, rel)))
-    except (ValueError, storage.StorageError):
-        return None
-    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or not isinstance(raw.get("replaces"), list):
-        return None
-    return raw
-
-
-def inspect_dest(dest: str) -> DestState:
-    """Sort the files below ``dest`` into the earlier dataset, leftovers of interrupted runs
-    (named by an in-progress manifest) and foreign files; reads only. Raises PrepareError for
-    a ``dest`` that is a file or has a ``dataset.json`` that segray did not write."""
-    fs, path = storage.resolve(dest)
-    if fs.get_file_info(path).type == pafs.FileType.File:
-        raise PrepareError(f"--dest {dest} is a file; pass a folder (prefix) for the prepared dataset")
-    rels = [storage.relative(dest, u) for u in storage.list_files(dest)]
-    state = DestState()
-    present = set(rels)
-    if DATASET_FILE in present:
-        try:
-            state.info = load_info(dest)
-            state.dataset = [rel for rel in listed_files(dest, state.info) if rel in present]
-        except (DatasetError, TypeError) as e:
-            raise PrepareError(
-                f"--dest {dest} holds a {DATASET_FILE} that is not a segray dataset ({storage._first_line(e)}); "
-                "prepare does not replace what it did not write: pass an empty or new --dest"
-            ) from None
-    live = set(state.dataset) | {DATASET_FILE}
-    leftovers: list[str] = []
-    manifests: list[str] = []
-    for rel in rels:
-        m = _MANIFEST.match(rel)
-        manifest = _read_manifest(dest, rel) if m else None
-        if manifest is None:
-            continue
-        run = m.group(1)
-        manifests.append(rel)
-        leftovers += [r for r in rels if r.split("/", 1)[0] in SPLITS and posixpath.basename(r).startswith(f"{run}_")]
-        leftovers += [r for r in manifest["replaces"] if isinstance(r, str) and is_shard_path(r) and r in present]
-    state.leftovers = sorted(set(leftovers) - live) + manifests
-    known = live | set(state.leftovers)
-    state.foreign = [r for r in rels if r not in known and not _OWN_TEMPORARY.match(r)]
-    return state
-
-
-def check_dest(dest: str) -> DestState:
-    """``inspect_dest``, refusing a non-empty ``dest`` that is no segray dataset."""
-    state = inspect_dest(dest)
-    if state.foreign and state.info is None:
-        more = f" and {len(state.foreign) - 1} more" if len(state.foreign) > 1 else ""
-        raise PrepareError(
-            f"--dest {dest} is not empty and not a segray dataset (no {DATASET_FILE}; it holds "
-            f"{storage.join(dest, state.foreign[0])}{more}); prepare never deletes files it did not write: "
-            "pass an empty or new --dest, or delete that folder yourself if nothing in it is needed"
-        )
-    return state
-
-
-def _delete_files(dest: str, rels: list[str]) -> None:
-    """Delete these files (never a folder) below ``dest``; missing ones are fine. Local split
-    folders left empty are removed too (``rmdir`` removes only an empty folder)."""
-    fs, root = storage.resolve(dest)
-    for rel in rels:
-        path = storage.resolve(storage.join(dest, *rel.split("/")))[1]
-        if fs.get_file_info(path).type == pafs.FileType.File:
-            fs.delete_file(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        folders = {"/".join(rel.split("/")[:i]) for rel in rels for i in range(1, rel.count("/") + 1)}
-        for folder in sorted(folders, key=len, reverse=True):
-            try:
-                os.rmdir(os.path.join(root, *folder.split("/")))
-            except OSError:
-                pass  # not empty (foreign files, other shards) or already gone
-
-
-def _run_files(dest: str, run: str) -> list[str]:
-    """The shard files that run ``run`` wrote, relative to ``dest``."""
-    out = []
-    for split in SPLITS:
-        for u in storage.list_files(split_uri(dest, split)):
-            rel = storage.relative(dest, u)
-            if posixpath.basename(rel).startswith(f"{run}_"):
-                out.append(rel)
-    return sorted(out)
-
-
-def _new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:12]
-
-
 # ----------------------------------------------------------------------------------- the job
 
 
@@ -369,7 +216,8 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
     counts = layout.split_counts()
     print(
         f"prepare: {config.source}: {layout.kind} layout, {len(layout.pairs)} pairs "
-        f"({', '.join(f'{k} {v}' for k, v in counts.items())}), resizing to {size[0]}x{size[1]}",
+        f"({', '.join(f'{k} {v}' for k, v in counts.items())}), {layout.classes.num_classes} classes"
+        f"{' (classes.json)' if layout.classes != CAMVID else ''}, resizing to {size[0]}x{size[1]}",
         flush=True,
     )
     if layout.ignored_files:
@@ -382,7 +230,7 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
     num_blocks = max(1, min(len(items) // PAIRS_PER_BATCH, 512))
     ds = ray.data.from_items(items, override_num_blocks=num_blocks).map_batches(
         _process_batch,
-        fn_kwargs={"size": size, "colors": colors},
+        fn_kwargs={"size": size, "colors": colors, "classes": layout.classes},
         batch_size=PAIRS_PER_BATCH,
         batch_format="numpy",
     )
@@ -422,7 +270,7 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
         "note": f"segray prepare in progress: writes <split>/{run}_*.parquet, then dataset.json, then deletes "
         "the files listed in 'replaces'; if this file is still here, that run did not finish",
         "source": config.source,
-        "replaces": state.dataset + [r for r in state.leftovers if not _MANIFEST.match(r)],
+        "replaces": state.dataset + [r for r in state.leftovers if not is_manifest(r)],
     }
     storage.write_bytes(storage.join(config.dest, manifest_rel), (json.dumps(manifest, indent=2) + "\n").encode())
 
@@ -450,7 +298,8 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
 
         good = summary[summary[_COL_ERROR] == ""]
         train = good[good[_COL_SPLIT] == "train"]
-        class_counts = np.zeros(NUM_CLASSES + 1, dtype=np.int64)
+        classes = layout.classes
+        class_counts = np.zeros(256, dtype=np.int64)
         for c in train[_COL_COUNTS]:
             class_counts += np.asarray(c, dtype=np.int64)
         unmapped = int(good[_COL_UNMAPPED].sum())
@@ -458,13 +307,14 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
             height=h,
             width=w,
             splits=rows,
-            class_pixel_counts=class_counts[:NUM_CLASSES].tolist(),
-            void_pixel_count=int(class_counts[VOID_INDEX]),
+            class_pixel_counts=class_counts[: classes.num_classes].tolist(),
+            void_pixel_count=int(class_counts[classes.void_index]),
             source=config.source,
             layout=layout.kind,
             unmapped_color_pixels=unmapped,
             skipped=sorted(bad[_COL_ERROR].tolist()),
             files=files,
+            **classes.to_fields(),
         )
         write_info(config.dest, info)  # the swap: from now on the new dataset is the dataset
     except BaseException:
@@ -486,13 +336,6 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
     return info
 
 
-def _by_split(rels: list[str]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for rel in sorted(rels):
-        out.setdefault(rel.split("/", 1)[0], []).append(rel)
-    return out
-
-
 def _check_something_left(summary, counts: dict[str, int]) -> None:
     """With --skip-bad, refuse to write an empty dataset or to drop a whole split."""
     good = summary[summary[_COL_ERROR] == ""]
@@ -510,14 +353,3 @@ def _check_something_left(summary, counts: dict[str, int]) -> None:
                 f"nothing left of split {split!r}: all {n} of its pairs are bad (first: {first}); "
                 f"--skip-bad does not drop a whole split: fix them, or remove {split}/ from the source"
             )
-
-
-def _discard_run(dest: str, run: str, manifest_rel: str) -> None:
-    """After a failed run: delete the shards it wrote, then its manifest, unless some shard
-    could not be deleted (the manifest then keeps them recognisable for the next run)."""
-    try:
-        _delete_files(dest, _run_files(dest, run))
-        if not _run_files(dest, run):
-            _delete_files(dest, [manifest_rel])
-    except Exception as e:  # noqa: BLE001 - the original error is the one to report
-        log.warning("prepare: could not clean up run %s in %s: %s", run, dest, e)

@@ -2,14 +2,30 @@
 
 Class weights from the prepared dataset's pixel counts, the learning-rate schedule (a function of
 the epoch position through knots, so that a run extended on resume continues without a jump:
-segray/train.py's module doc), augmentation (flip, scale-crop, colour jitter; labels with NEAREST,
-padding with void) and the weighted loss. segray/train.py wires them into the Ray Train loop.
+below), augmentation (flip, scale-crop, colour jitter; labels with NEAREST,
+padding with void; every setting in one frozen :class:`Augmentation`) and the weighted loss.
+segray/worker.py wires them into the Ray Train loop.
+
+**The LR schedule** is ``lr * lr_factor(schedule, progress)``, where progress in [0, 1] is a
+piecewise-linear function of the *epoch position* x (epoch e, step k of S steps of an epoch:
+x = e - 1 + k / S) through the knots ``[(0, 0), (E, 1)]`` of a run of E epochs: a function of
+epochs, not of a step count, so a resume with another ``--num-workers`` (another S) continues
+where it was. A resume after epoch d with a new ``--epochs`` E1 (longer or, if not yet reached,
+shorter) keeps the knots up to d and re-anchors the rest: ``(d, p_d)`` then ``(E1, 1)``, with
+p_d the progress the run had reached at d. The first new step gets exactly the LR the run
+would have had at that point (no jump), the rest of the schedule is stretched (or squeezed)
+over epochs d..E1, and it ends at the schedule's final value at E1. A run whose schedule had
+already ended (d = E) stays at the final value (0 for cosine and onecycle) for its extra
+epochs: train on with a new run instead. The knots are in every checkpoint (``schedule``);
+on resume the scheduler is rebuilt from them and the epoch, never from a step count.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +33,7 @@ import torch.nn.functional as F
 
 from segray import modelio
 from segray.camvid import VOID_INDEX
+from segray.errors import ConfigError
 
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "onecycle")
 CLASS_WEIGHTINGS: tuple[str, ...] = ("median_freq", "sqrt_median_freq", "none")
@@ -35,6 +52,58 @@ JITTER = 0.25
 # to ~0 (torch.optim.lr_scheduler.OneCycleLR's defaults, without momentum cycling).
 ONECYCLE_WARMUP = 0.3
 ONECYCLE_START = 1 / 25
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Every augmentation setting of a run, in one frozen object (TrainConfig.augmentation).
+
+    One field is one setting: its ``metadata`` holds the command-line flag (``jobs/train.py``
+    makes a flag whose ``dest`` is the field's name) and the key under which the run's recipe
+    records it (segray/runrecord.py compares it on resume). Adding a setting is a field here,
+    its use in :func:`augment_batch`, and its flag."""
+
+    enabled: bool = field(default=True, metadata={"flag": "augmentation (--no-augment)", "key": "augment"})
+    crop: tuple[int, int] | None = field(default=None, metadata={"flag": "--crop"})
+    scale_range: tuple[float, float] = field(default=SCALE_RANGE, metadata={"flag": "--scale-range"})
+    flip_prob: float = field(default=FLIP_PROB, metadata={"flag": "--flip-prob"})
+    jitter: float = field(default=JITTER, metadata={"flag": "--jitter"})
+
+    def __post_init__(self) -> None:
+        # JSON and argparse hand lists; keep tuples so that the object stays hashable and equal.
+        if self.crop is not None:
+            object.__setattr__(self, "crop", tuple(self.crop))
+        object.__setattr__(self, "scale_range", tuple(self.scale_range))
+        if self.crop is not None:
+            if len(self.crop) != 2 or any(not isinstance(v, int) or v < 16 for v in self.crop):
+                raise ConfigError(f"--crop must be HxW with both sides at least 16, got {self.crop!r}")
+            if not self.enabled:
+                raise ConfigError("--crop is an augmentation; it cannot be combined with --no-augment")
+        if len(self.scale_range) != 2:
+            raise ConfigError(f"--scale-range must be LO,HI, e.g. 0.75,1.5; got {self.scale_range!r}")
+        lo, hi = self.scale_range
+        if not (0 < lo <= hi and math.isfinite(hi)):
+            raise ConfigError(f"--scale-range must be LO,HI with 0 < LO <= HI, e.g. 0.75,1.5; got {lo:g},{hi:g}")
+        if not (isinstance(self.flip_prob, (int, float)) and 0.0 <= self.flip_prob <= 1.0):
+            raise ConfigError(f"--flip-prob must be between 0 and 1, got {self.flip_prob!r}")
+        if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter < 1.0):
+            raise ConfigError(f"--jitter must be at least 0 and below 1, got {self.jitter!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def record(self) -> dict[str, Any]:
+        """The settings as the run's recipe records them: ``{key: JSON value}``."""
+        return {f.metadata.get("key", f.name): _json(getattr(self, f.name)) for f in fields(self)}
+
+
+def augmentation_names() -> tuple[tuple[str, str], ...]:
+    """(recipe key, name in messages) of every augmentation setting."""
+    return tuple((f.metadata.get("key", f.name), f.metadata.get("flag", f.name)) for f in fields(Augmentation))
+
+
+def _json(x: Any) -> Any:
+    return [_json(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
 def median_frequency_weights(counts: Sequence[int], max_weight: float = MAX_CLASS_WEIGHT) -> np.ndarray:
@@ -135,15 +204,6 @@ def make_scheduler(optimizer, lr: float, schedule: str, knots: Sequence[Sequence
     )
 
 
-# What a run is made from. Besides the dataset (URI, dataset.json sha256, input size, classes)
-# and the model config, these TrainConfig fields: a resume that changed one would train one
-# set of weights with two recipes, and metrics.json would name only the last. (field, name in
-# messages). --lr, --weight-decay, --lr-schedule: the optimizer steps so far were sized by them;
-# --batch-size (per worker): the step's gradient noise and the steps per epoch; --class-weighting:
-# the loss; augmentation, --crop, --scale-range: the training distribution; --seed: the shuffling
-# and augmentation draws of every epoch (a run reproducible from its recorded config).
-
-
 def augment(
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -162,7 +222,7 @@ def augment(
     pixel scale (a cheaper training step; validation still sees whole frames).
 
     images: (N, C, H, W) float, already normalised, so that padding with 0 is the mean colour
-    (what the U-Net's own zero padding shows too). labels: (N, H, W) integer class indices.
+    (what the network's own zero padding shows too). labels: (N, H, W) integer class indices.
     Each image is scaled by s in ``scale_range`` (log-uniform) around a random centre and cut
     back to (H, W): s > 1 crops a random window of the enlarged image, s < 1 places the shrunk
     image at a random position and pads the rest. Images are resampled bilinearly, labels with
@@ -199,6 +259,15 @@ def augment(
     return out_images, out_labels
 
 
+def augment_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, settings: Augmentation,
+                  void_index: int = VOID_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment` with a run's :class:`Augmentation` (``enabled`` False: unchanged)."""
+    if not settings.enabled:
+        return images, labels
+    return augment(images, labels, generator, scale_range=settings.scale_range, flip_prob=settings.flip_prob,
+                   void_index=void_index, jitter=settings.jitter, crop=settings.crop)
+
+
 def color_jitter(
     images: torch.Tensor,
     generator: torch.Generator,
@@ -224,14 +293,14 @@ def color_jitter(
 
 
 def weighted_loss_sum(
-    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None
+    logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, void_index: int = VOID_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over labelled pixels of w[t] * CE, sum of w[t]): a weighted mean is their ratio.
 
     Kept as two sums so that an all-void batch gives 0 / 0 (no gradient) rather than NaN, and
     so that workers can add their sums before dividing, like the confusion matrix."""
-    loss_sum = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=VOID_INDEX, reduction="sum")
-    valid = labels != VOID_INDEX
+    loss_sum = F.cross_entropy(logits.float(), labels, weight=weight, ignore_index=void_index, reduction="sum")
+    valid = labels != void_index
     if weight is None:
         denom = valid.sum().to(loss_sum.dtype)
     else:

@@ -26,13 +26,13 @@ FORWARDED_ENV: tuple[str, ...] = (
 # cluster started by ray.init() inherits the driver's.
 CREDENTIAL_ENV: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
-# glibc returns freed arenas to the OS and page-faults them back on every PyTorch step; on a
-# small CPU VM that made a U-Net 2-4x slower. High thresholds keep the memory mapped. They
-# only reach the main arena, though: a thread's arena (Ray Train runs the training loop in a
-# thread, Ray Data calls a model replica from one) grows in heaps of at most 64 MiB and serves
-# every bigger tensor with its own mmap/munmap, whatever the threshold. One arena puts every
-# thread on the main heap: the 64-channel U-Net's DDP step went from 0.75x to 0.89x of plain
-# DDP (docs/benchmarks.md). Not set for GPU workers, whose big buffers live on the device.
+# glibc returns freed arenas to the OS and page-faults them back on every PyTorch step, which
+# made a small CPU VM several times slower. High thresholds keep the memory mapped. They only
+# reach the main arena, though: a thread's arena (Ray Train runs the training loop in a thread,
+# Ray Data calls a model replica from one) grows in heaps of at most 64 MiB and serves every
+# bigger tensor with its own mmap/munmap, whatever the threshold. One arena puts every thread
+# on the main heap. docs/benchmarks.md ("CPU tuning") has the measurements. Not set for GPU
+# workers, whose big buffers live on the device.
 CPU_MALLOC_ENV: dict[str, str] = {
     "MALLOC_MMAP_THRESHOLD_": "2000000000",
     "MALLOC_TRIM_THRESHOLD_": "2000000000",

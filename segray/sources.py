@@ -48,12 +48,14 @@ import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from segray.errors import SegrayError
 from segray import storage
 from segray.archives import (  # noqa: F401 - re-exported: the listing's users read archives through here
     ARCHIVE_EXTENSIONS,
     ArchiveError,
     Member,
     is_archive,
+    reader_for,
     iter_archive,
 )
 from segray.layout import IMAGE_EXTENSIONS, is_image
@@ -82,7 +84,7 @@ LABEL_COLOR = "color"  # RGB colours of the original CamVid release
 
 
 
-class SourceError(ValueError):
+class SourceError(SegrayError, ValueError):
     """``--images`` or ``--labels`` cannot be used; the message names the URI and the fix."""
 
 
@@ -156,11 +158,12 @@ def index_labels(labels_uri: str, files: list[str]) -> dict[str, Label]:
 
 def archive_folder(archive_rel: str) -> str:
     """``seq/01.tar`` -> ``seq/01``: the folder an archive stands for when pairing its members."""
+    reader = reader_for(archive_rel)
+    if reader is None:
+        return archive_rel
     lower = archive_rel.lower()
-    for ext in sorted(ARCHIVE_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return archive_rel[: -len(ext)]
-    return archive_rel
+    ext = max((e for e in reader.extensions if lower.endswith(e)), key=len)
+    return archive_rel[: -len(ext)]
 
 
 def label_for_member(archive_rel: str, member: str, labels: dict[str, Label]) -> Label | None:

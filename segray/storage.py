@@ -25,13 +25,15 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from segray.errors import SegrayError
+
 S3_SCHEME = "s3://"
 # Object stores throttle (503 SlowDown) and drop connections; the AWS SDK's standard retry
 # strategy with exponential back-off absorbs that, but its default of 3 attempts does not.
 S3_MAX_ATTEMPTS = int(os.environ.get("SEGRAY_S3_MAX_ATTEMPTS", "10"))
 
 
-class StorageError(RuntimeError):
+class StorageError(SegrayError, RuntimeError):
     """A URI that cannot be read or written; the message names the URI and the fix."""
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import io
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from types import MappingProxyType
@@ -31,6 +32,7 @@ from PIL import Image
 
 from segray import storage
 from segray.camvid import ORIGINAL_COLORS, ORIGINAL_TO_11, format_label_colors
+from segray.classes import CLASSES_FILE, ClassTable
 from segray.layout import LABEL_COLORS_FILE, ORIGINAL, SEGNET, SPLITS, split_of
 from segray.preprocess import encode_png, parse_size
 
@@ -814,6 +816,33 @@ def write_dataset(
             storage.write_bytes(storage.join(dest, f"{split}.txt"), ("\n".join(lines) + "\n").encode())
     written = {s: sum(p[0] == s for p in pairs) for s in SPLITS}
     return {s: n for s, n in written.items() if n}
+
+
+def write_grouped_dataset(
+    dest: str,
+    classes: ClassTable,
+    groups: Sequence[Sequence[int]],
+    counts: Mapping[str, int] | None = None,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    seed: int = 0,
+) -> dict[str, int]:
+    """A synthetic SegNet-layout source with its own classes: ``classes.json`` at the root and
+    labels whose class ``i`` is the union of the CamVid classes ``groups[i]``; every other pixel
+    (CamVid's other classes and void) is ``classes.void_index``. Frames are those of
+    :func:`write_dataset` with the same seed. Returns the pairs written per split."""
+    if len(groups) != classes.num_classes:
+        raise ValueError(f"{len(groups)} groups for {classes.num_classes} classes: give each class its CamVid classes")
+    lut = np.full(256, classes.void_index, np.uint8)
+    for index, members in enumerate(groups):
+        for camvid_class in members:
+            lut[camvid_class] = index
+    written = write_dataset(dest, SEGNET, counts, size, seed)
+    for split, name, _ in _assign_names(dict(DEFAULT_COUNTS if counts is None else counts), by_rule=False):
+        uri = storage.join(dest, f"{split}annot", f"{name}.png")
+        label = np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))))
+        storage.write_bytes(uri, encode_png(lut[label]))
+    storage.write_bytes(storage.join(dest, CLASSES_FILE), classes.to_json().encode())
+    return written
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -11,7 +11,12 @@ from conftest import tar_bytes
 import torch
 from PIL import Image
 
+from segray import frames as load_stage
 from segray import infer, modelio, sources
+from segray import predictions as artifact
+from segray import predictor as predict_stage
+from segray.classes import CAMVID
+from segray.layout import label_color_table
 from segray.camvid import CLASSES, NUM_CLASSES, ORIGINAL_COLORS, ORIGINAL_TO_11, PALETTE, VOID_INDEX
 from segray.model import UNetConfig, build_model
 from segray.modelio import ModelSpec
@@ -71,7 +76,7 @@ def listing_table(tmp_path, files: dict[str, bytes], labels=None) -> tuple[pa.Ta
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     listing = sources.list_inputs(str(root), labels)
-    return pa.concat_tables(infer.listing_tables(listing)), str(root)
+    return pa.concat_tables(load_stage.listing_tables(listing)), str(root)
 
 
 def stages_by_name(table: pa.Table) -> dict[str, str | None]:
@@ -82,7 +87,7 @@ def test_load_frames_decodes_odd_images_and_turns_bad_inputs_into_error_rows(tmp
     files = {**odd_images(), **bad_images(), "notes.txt": b"hello"}
     files["seq/A.tar"] = tar_bytes({"./m/X.png": odd_images()["rgb.png"], "m/readme.md": b"#", "m/bad.png": b"x"})
     table, root = listing_table(tmp_path, files)
-    out = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
+    out = pa.concat_tables(load_stage.load_frames(table, MODEL_SIZE, root))
 
     stages = stages_by_name(out)
     assert stages == {
@@ -104,15 +109,15 @@ def test_load_frames_reports_a_broken_archive_once_and_a_vanished_file(tmp_path)
     cut = 512 + -(-len(a) // 512) * 512 + 600  # inside the data of b.png
     table, root = listing_table(tmp_path, {"cut.tar": members[:cut], "gone.png": b"x"})
     os.remove(f"{root}/gone.png")  # deleted between listing and reading
-    out = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
+    out = pa.concat_tables(load_stage.load_frames(table, MODEL_SIZE, root))
     assert stages_by_name(out) == {"a.png": None, "cut.tar": "archive", "gone.png": "read"}
 
 
 def test_predictor_loads_once_and_passes_error_rows_through(tmp_path):
     table, root = listing_table(tmp_path, {**odd_images(), "zero.png": b""})
-    frames = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
+    frames = pa.concat_tables(load_stage.load_frames(table, MODEL_SIZE, root))
     calls: list = []
-    predictor = infer.Predictor("s3://bucket/run", loader=tiny_loader(calls))
+    predictor = predict_stage.Predictor("s3://bucket/run", loader=tiny_loader(calls))
     out = predictor(frames)
     predictor(frames)
     assert calls == ["s3://bucket/run"]  # once per replica, not per batch
@@ -126,9 +131,8 @@ def test_predictor_loads_once_and_passes_error_rows_through(tmp_path):
 
 
 def _postprocess(batch: pa.Table, root: str, output: str, write_masks: bool = False) -> pa.Table:
-    return infer.postprocess(
-        batch, MODEL_SIZE, NUM_CLASSES, VOID_INDEX, infer.color_table(None), [list(c) for c in PALETTE],
-        root, output, write_masks,
+    return predict_stage.postprocess(
+        batch, MODEL_SIZE, CAMVID, label_color_table(None), root, output, write_masks,
     )  # fmt: skip
 
 
@@ -144,8 +148,8 @@ def test_postprocess_brings_masks_back_to_the_frame_size_and_counts_against_labe
     (labels / "gray_L.png").write_bytes(png(np.array(original, np.uint8)[label]))  # colour-coded label of gray.png
     (labels / "rgba.png").write_bytes(png(label[:10]))  # wrong size
     table, root = listing_table(tmp_path, odd_images(h, w), str(labels))
-    frames = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
-    out = _postprocess(infer.Predictor("m", loader=tiny_loader())(frames), root, str(tmp_path / "out"), True)
+    frames = pa.concat_tables(load_stage.load_frames(table, MODEL_SIZE, root))
+    out = _postprocess(predict_stage.Predictor("m", loader=tiny_loader())(frames), root, str(tmp_path / "out"), True)
 
     rows = {os.path.basename(r["uri"]): r for r in out.to_pylist()}
     assert rows["rgba.png"]["stage"] == "label" and "label is 30x10 but the frame is 30x20" in rows["rgba.png"]["message"]
@@ -170,7 +174,7 @@ def test_postprocess_brings_masks_back_to_the_frame_size_and_counts_against_labe
 
 def test_finish_frame_uses_nearest_and_never_invents_classes():
     pred = np.array([[0, 3], [7, 10]], np.uint8)
-    result = infer.finish_frame(pred, (4, 6), NUM_CLASSES, VOID_INDEX, np.full((4, 6), VOID_INDEX, np.uint8))
+    result = predict_stage.finish_frame(pred, (4, 6), NUM_CLASSES, VOID_INDEX, np.full((4, 6), VOID_INDEX, np.uint8))
     assert result.mask.shape == (4, 6) and set(np.unique(result.mask)) == {0, 3, 7, 10}
     assert sum(result.class_pixel_counts) == 24 and result.pixel_accuracy is None  # all void: no ratio
 
@@ -183,27 +187,27 @@ def test_write_results_splits_rows_and_names_parts_by_content(tmp_path):
             {"uri": "b", "height": 1, "width": 1, "mask_png": b"p", "class_pixel_counts": [0, 1] + [0] * 9},
             {"uri": "c", "stage": "decode", "message": "c: empty file (0 bytes)"},
         ],
-        schema=infer._RESULTS_SCHEMA,
+        schema=load_stage.RESULTS_SCHEMA,
     )  # fmt: skip
     out = str(tmp_path / "out")
-    totals = infer.write_results(table, out, NUM_CLASSES)
+    totals = artifact.write_results(table, out, NUM_CLASSES)
     first = sorted(p for d in ("predictions", "errors") for p in os.listdir(f"{out}/{d}"))
-    infer.write_results(table, out, NUM_CLASSES)  # a retried task: the same files, rewritten
+    artifact.write_results(table, out, NUM_CLASSES)  # a retried task: the same files, rewritten
     assert sorted(p for d in ("predictions", "errors") for p in os.listdir(f"{out}/{d}")) == first
     assert len(first) == 2
     predictions = pq.read_table(f"{out}/predictions")
-    assert predictions.schema == infer.PREDICTIONS_SCHEMA and predictions.column("uri").to_pylist() == ["a", "b"]
+    assert predictions.schema == artifact.PREDICTIONS_SCHEMA and predictions.column("uri").to_pylist() == ["a", "b"]
     assert pq.read_table(f"{out}/errors").to_pylist() == [{"uri": "c", "stage": "decode", "message": "c: empty file (0 bytes)"}]
     assert (totals.frames, totals.labelled, totals.errors, totals.stages) == (2, 1, 1, {"decode": 1})
     assert totals.cm[0, 0] == 1 and totals.class_pixels.tolist()[:2] == [1, 1]
-    assert infer.done_uris(out) == {"a", "b", "c"}
+    assert artifact.done_uris(out) == {"a", "b", "c"}
 
 
 def test_metrics_table_reads_every_ratio_from_the_summed_matrix():
     cm = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
     cm[0, 0], cm[0, 1], cm[1, 1], cm[2, 0] = 6, 2, 3, 1  # class 2 is never predicted right
-    totals = infer.Totals(NUM_CLASSES, frames=3, labelled=2, errors=1, cm=cm, class_pixels=np.arange(NUM_CLASSES))
-    rows = infer.metrics_table(totals, list(CLASSES)).to_pylist()
+    totals = artifact.Totals(NUM_CLASSES, frames=3, labelled=2, errors=1, cm=cm, class_pixels=np.arange(NUM_CLASSES))
+    rows = artifact.metrics_table(totals, list(CLASSES)).to_pylist()
     assert len(rows) == NUM_CLASSES + 1
     assert rows[0]["iou"] == pytest.approx(6 / (8 + 7 - 6)) and rows[1]["iou"] == pytest.approx(3 / (3 + 5 - 3))
     assert rows[2]["iou"] == 0.0 and rows[3]["iou"] is None  # absent class: no IoU, not 0
@@ -214,45 +218,45 @@ def test_metrics_table_reads_every_ratio_from_the_summed_matrix():
     assert (overall["images"], overall["labelled_images"], overall["error_images"]) == (3, 2, 1)
     assert overall["mask_pixels"] == sum(range(NUM_CLASSES)) and rows[4]["mask_pixels"] == 4
 
-    unlabelled = infer.metrics_table(infer.Totals(NUM_CLASSES, frames=2), list(CLASSES)).to_pylist()
+    unlabelled = artifact.metrics_table(artifact.Totals(NUM_CLASSES, frames=2), list(CLASSES)).to_pylist()
     assert unlabelled[-1]["miou"] is None and unlabelled[-1]["pixel_accuracy"] is None and unlabelled[-1]["images"] == 2
 
 
 def test_mask_uri_mirrors_the_input_path_and_keeps_its_extension():
-    assert infer.mask_uri("s3://b/out", "s3://b/img", "s3://b/img/a/X.jpg") == "s3://b/out/masks/a/X.jpg.png"
-    assert infer.mask_uri("/o", "/i", "/i/s/A.tar/m/X.png") == "/o/masks/s/A.tar/m/X.png.png"
-    assert infer.mask_uri("/o", "/i", "/i/X.png") != infer.mask_uri("/o", "/i", "/i/X.jpg")
+    assert predict_stage.mask_uri("s3://b/out", "s3://b/img", "s3://b/img/a/X.jpg") == "s3://b/out/masks/a/X.jpg.png"
+    assert predict_stage.mask_uri("/o", "/i", "/i/s/A.tar/m/X.png") == "/o/masks/s/A.tar/m/X.png.png"
+    assert predict_stage.mask_uri("/o", "/i", "/i/X.png") != predict_stage.mask_uri("/o", "/i", "/i/X.jpg")
 
 
 @pytest.mark.parametrize("rel", ["a/../../x.png", "../x.png", "a//b.png", "./a.png", "/abs.png"])
 def test_mask_uri_never_leaves_the_output(rel):
     with pytest.raises(ValueError):
-        infer.mask_uri("s3://b/out", "s3://b/img", f"s3://b/img/{rel}")
+        predict_stage.mask_uri("s3://b/out", "s3://b/img", f"s3://b/img/{rel}")
 
 
 def test_config_is_checked():
-    with pytest.raises(infer.InferError, match="batch_size must be a positive integer, got 0"):
+    with pytest.raises(infer.InferError, match="--batch-size must be a positive integer, got 0"):
         infer.InferConfig(model="m", images="i", output="o", batch_size=0)
-    with pytest.raises(infer.InferError, match="num_replicas"):
+    with pytest.raises(infer.InferError, match="--num-replicas"):
         infer.InferConfig(model="m", images="i", output="o", num_replicas=-1)
-    with pytest.raises(infer.InferError, match="threads must be a positive integer, got 0"):
+    with pytest.raises(infer.InferError, match="--threads must be a positive integer, got 0"):
         infer.InferConfig(model="m", images="i", output="o", threads=0)
 
 
 def test_cpu_threads_default_shares_the_cores_among_replicas(monkeypatch):
-    monkeypatch.setattr(infer.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert infer.cpu_threads_default(1, 1) == 8  # one replica: every core, decode interleaves
-    assert infer.cpu_threads_default(3, 1) == 2
-    assert infer.cpu_threads_default(16, 1) == 1
-    assert infer.cpu_threads_default(4, 4) == 4  # never fewer than the CPUs Ray reserved
+    monkeypatch.setattr(predict_stage.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert predict_stage.cpu_threads_default(1, 1) == 8  # one replica: every core, decode interleaves
+    assert predict_stage.cpu_threads_default(3, 1) == 2
+    assert predict_stage.cpu_threads_default(16, 1) == 1
+    assert predict_stage.cpu_threads_default(4, 4) == 4  # never fewer than the CPUs Ray reserved
 
 
 def test_predictor_uses_the_threads_asked_for_and_channels_last(tmp_path):
     table, root = listing_table(tmp_path, odd_images())
-    frames = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
+    frames = pa.concat_tables(load_stage.load_frames(table, MODEL_SIZE, root))
     before = torch.get_num_threads()
     try:
-        predictor = infer.Predictor("m", loader=tiny_loader(), threads=1)
+        predictor = predict_stage.Predictor("m", loader=tiny_loader(), threads=1)
         assert torch.get_num_threads() == 1
         out_nhwc = predictor(frames).column("pred").to_pylist()
     finally:
@@ -270,7 +274,7 @@ def test_predictor_uses_the_threads_asked_for_and_channels_last(tmp_path):
 
 def test_format_summary_fits_a_screen():
     cm = np.eye(NUM_CLASSES, dtype=np.int64)
-    run = infer.Totals(NUM_CLASSES, frames=5, labelled=5, errors=1, cm=cm, stages={"decode": 1})
+    run = artifact.Totals(NUM_CLASSES, frames=5, labelled=5, errors=1, cm=cm, stages={"decode": 1})
     text = infer.format_summary(
         infer.InferSummary("s3://b/o", 6, 0, run, run, 0, 2.0, True, tuple(CLASSES))
     )
@@ -281,9 +285,9 @@ def test_format_summary_fits_a_screen():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_predictor_on_gpu_agrees_with_cpu(tmp_path):
     table, root = listing_table(tmp_path, odd_images())
-    frames = pa.concat_tables(infer.load_frames(table, MODEL_SIZE, root))
-    cpu = infer.Predictor("m", loader=tiny_loader())(frames).column("pred").to_pylist()
-    gpu = infer.Predictor("m", use_gpu=True, loader=tiny_loader())(frames).column("pred").to_pylist()
+    frames = pa.concat_tables(load_stage.load_frames(table, MODEL_SIZE, root))
+    cpu = predict_stage.Predictor("m", loader=tiny_loader())(frames).column("pred").to_pylist()
+    gpu = predict_stage.Predictor("m", use_gpu=True, loader=tiny_loader())(frames).column("pred").to_pylist()
     agree = np.mean([np.mean(np.frombuffer(a, np.uint8) == np.frombuffer(b, np.uint8)) for a, b in zip(cpu, gpu)])
     assert agree > 0.9  # bf16 autocast moves a few argmax ties, no more
 
@@ -309,4 +313,4 @@ def test_replicas_must_leave_a_whole_cpu_for_decoding(monkeypatch):
 def test_the_last_check_before_a_mask_write(uri, ok):
     """mask_uri's own check (behind sources.mask_rel's): the joined path lies plainly below masks/."""
     root = "s3://b/out/masks" if uri.startswith("s3://") else "/o/masks"
-    assert infer._lies_below(uri, root) is ok
+    assert predict_stage._lies_below(uri, root) is ok

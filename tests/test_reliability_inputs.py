@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from segray import storage
-from segray.infer import load_frame
+from segray.frames import load_frame
 from segray.prepare import process_pair
 from segray.preprocess import MAX_PIXELS, BadInputError
 from segray.synthetic import render_scene, write_dataset

@@ -75,7 +75,7 @@ def test_a_malicious_model_file_is_refused_not_run(tmp_path):
 def test_a_malicious_checkpoint_is_refused_not_run(tmp_path):
     import ray.train
 
-    from segray.train import CHECKPOINT_FILE, _load_checkpoint
+    from segray.worker import CHECKPOINT_FILE, _load_checkpoint
 
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoint_epoch_0001"

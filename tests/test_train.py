@@ -11,28 +11,26 @@ import numpy as np
 import pytest
 import torch
 
-from segray import modelio, train
+from segray import modelio, runrecord, train, worker
 from segray.camvid import NUM_CLASSES, VOID_INDEX
 from segray.dataset import DatasetError
-from segray.train import (
+from segray.recipe import (
     MAX_CLASS_WEIGHT,
-    TrainConfig,
-    TrainError,
-    _check_dataset,
+    Augmentation,
     augment,
-    color_jitter,
     class_weights,
+    color_jitter,
     extend_schedule,
     fresh_schedule,
-    legacy_recipe,
     lr_factor,
     lr_factor_at,
     make_scheduler,
     median_frequency_weights,
-    resume_refusal,
     schedule_progress,
     weighted_loss_sum,
 )
+from segray.runrecord import legacy_recipe, resume_refusal
+from segray.train import TrainConfig, TrainError, _check_dataset
 
 
 def _batch(n=4, h=12, w=20, seed=0):
@@ -131,9 +129,10 @@ def test_augment_crop_is_a_window_at_the_same_scale():
 
 def test_crop_flag_is_checked():
     with pytest.raises(TrainError, match="--crop must be HxW"):
-        TrainConfig(data="d", storage="s", name="n", crop=(8, 240))
+        TrainConfig(data="d", storage="s", name="n", augmentation=train.check_augmentation(crop=(8, 240)))
     with pytest.raises(TrainError, match="--no-augment"):
-        TrainConfig(data="d", storage="s", name="n", crop=(128, 176), augment=False)
+        TrainConfig(data="d", storage="s", name="n",
+                    augmentation=train.check_augmentation(crop=(128, 176), enabled=False))
 
 
 def test_augment_is_reproducible_from_the_generator():
@@ -364,7 +363,7 @@ def test_legacy_checkpoints_are_compared_on_what_they_recorded():
 def test_recipe_records_the_dataset_and_the_locked_settings(tmp_path):
     ok = _dataset(tmp_path, {"train": 4, "val": 2})
     info = _check_dataset(_config(data=ok))
-    r = train.recipe(_config(data=ok, crop=(16, 16), lr=0.5), info, train.dataset_sha256(ok))
+    r = runrecord.recipe(_config(data=ok, augmentation=Augmentation(crop=(16, 16)), lr=0.5), info, train.dataset_sha256(ok))
     assert r["data"] == ok and r["input_size"] == [8, 8] and r["classes"] == list(info.classes)
     assert r["dataset_sha256"] == __import__("hashlib").sha256((tmp_path / "prepared" / "dataset.json").read_bytes()) \
         .hexdigest()
@@ -407,12 +406,12 @@ def test_config_rejects_bad_values(kw, match):
 
 def test_config_defaults_and_derived_values():
     c = _config()
-    assert c.lr == 1e-3 and c.lr_schedule == "constant" and c.class_weighting == "sqrt_median_freq" and c.augment
+    assert c.lr == 1e-3 and c.lr_schedule == "constant" and c.class_weighting == "sqrt_median_freq" and c.augmentation.enabled
     assert c.torch_threads == 1 and _config(cpus_per_worker=3).torch_threads == 3
     assert _config(threads=2).torch_threads == 2
     assert c.run_uri == "/tmp/s/run"
     assert _config(storage="s3://b/runs/").run_uri == "s3://b/runs/run"
-    assert c.unet.base_channels == 64
+    assert c.model_args(11)["base_channels"] == 64 and c.model_args(4)["num_classes"] == 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.epochs = 3
 
@@ -482,7 +481,7 @@ def test_check_dataset_refuses_a_foreign_dataset_json(tmp_path):
 
 
 def test_summary_numbers_are_json_safe():
-    from segray.train import _jsonable
+    from segray.runrecord import _jsonable
 
     assert _jsonable({"a": [1.0, float("nan")], "b": {"c": math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
 
@@ -495,7 +494,7 @@ def test_array_batches_cover_the_shard_in_order_and_match_the_streamed_format():
     images = rng.integers(0, 255, (7, 4, 6, 3), dtype=np.uint8)
     labels = rng.integers(0, 12, (7, 4, 6), dtype=np.uint8)
     order = rng.permutation(7)
-    batches = list(train.array_batches((images, labels), 3, order, torch.device("cpu"), False))
+    batches = list(worker.array_batches((images, labels), 3, order, torch.device("cpu"), False))
     assert [len(x) for x, _ in batches] == [3, 3, 1]
     seen = np.concatenate([y.numpy() for _, y in batches])
     # Each batch holds the rows of its slice of ``order`` (sorted inside the batch).
@@ -509,9 +508,17 @@ def test_array_batches_cover_the_shard_in_order_and_match_the_streamed_format():
 def test_shard_cache_fits_by_bytes_and_env(monkeypatch):
     # 100 train + 10 val rows over 2 workers: 50 + 5 rows of 4 bytes a pixel.
     assert train.shard_cache_fits(100, 10, 2, 176, 240)
-    monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", str(55 * 176 * 240 * 4))
-    assert train.shard_cache_fits(100, 10, 2, 176, 240)
-    monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", str(55 * 176 * 240 * 4 - 1))
-    assert not train.shard_cache_fits(100, 10, 2, 176, 240)
+    assert train.shard_cache_fits(100, 10, 2, 176, 240, 55 * 176 * 240 * 4)
+    assert not train.shard_cache_fits(100, 10, 2, 176, 240, 55 * 176 * 240 * 4 - 1)
+    assert not train.shard_cache_fits(1, 1, 1, 1, 1, 0)
+    # The environment is read once, at the edge: jobs/train.py turns it into the config's field.
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("jobs_train", Path(__file__).parents[1] / "jobs" / "train.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    argv = ["--data", "d", "--storage", "s", "--name", "n"]
+    assert job.config_from_args(job.build_parser().parse_args(argv)).shard_cache_bytes == train.CACHE_SHARD_MAX_BYTES
     monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", "0")
-    assert not train.shard_cache_fits(1, 1, 1, 1, 1)
+    assert job.config_from_args(job.build_parser().parse_args(argv)).shard_cache_bytes == 0

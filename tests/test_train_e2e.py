@@ -110,7 +110,7 @@ def test_train_resumes_exports_and_learns(prepared, run_job):
     assert best["val_pixels"] == int((labels != VOID_INDEX).sum())
     # The exported model is the best epoch's and reproduces its val metrics in this process.
     model, spec = modelio.load_model(run)
-    assert spec.input_size == SIZE and spec.unet.base_channels == 8 and spec.void_index == VOID_INDEX
+    assert spec.input_size == SIZE and spec.network.base_channels == 8 and spec.void_index == VOID_INDEX
     with torch.no_grad():
         logits = model(modelio.images_to_tensor(images, spec.mean, spec.std))
     assert logits.shape == (len(images), NUM_CLASSES, *SIZE)

@@ -1,0 +1,310 @@
+"""What runs inside each Ray Train worker: the epoch loop, validation, checkpoints.
+
+The driver (segray/train.py) hands every worker one :class:`WorkerPayload`: plain values decided
+once from the command line and the dataset (network, classes, sizes, optimiser and schedule,
+augmentation, class weights). Nothing here imports the driver, so the loop can be read, tested
+and changed on its own. Per epoch, each worker trains on its shard of the train split
+(augment -> DDP step), evaluates its shard of val into a confusion matrix, sums the matrices
+over the workers with all_reduce, and rank 0 writes a checkpoint that Ray Train copies into the
+run folder (``checkpoint_epoch_NNNN/``: ``state.pt`` with the weights, optimiser, LR schedule,
+epoch, network, classes, recipe and history; ``meta.json`` the same without tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from segray import modelio
+from segray.dataset import rows_to_arrays
+from segray.metrics import confusion_matrix, summarize
+from segray.model import build_network
+from segray.recipe import Augmentation, augment_batch, fresh_schedule, make_scheduler, weighted_loss_sum
+
+TRAIN_SPLIT = "train"
+VAL_SPLIT = "val"
+CHECKPOINT_FILE = "state.pt"  # torch.save of plain containers: loads with weights_only=True
+CHECKPOINT_META = "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+SCORE = "val_miou"  # what "best checkpoint" means
+SHUFFLE_BUFFER_ROWS = 256  # rows held per worker to shuffle its shard locally, every epoch
+
+
+@dataclass(frozen=True)
+class WorkerPayload:
+    """Everything a worker needs, decided on the driver; plain values and frozen records only."""
+
+    arch: str  # model.NETWORKS name
+    model_args: dict  # its arguments, num_classes included (model.network_config)
+    classes: tuple[str, ...]
+    void_index: int  # label value ignored by the loss and the metrics
+    height: int
+    width: int
+    train_rows: int
+    epochs: int
+    batch_size: int  # per worker
+    lr: float
+    weight_decay: float
+    lr_schedule: str
+    seed: int
+    threads: int  # torch threads of a CPU worker
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    class_weights: tuple[float, ...] | None = None  # None: unweighted cross-entropy
+    cache_shards: bool = False  # keep the shards in memory after epoch 1 (train.shard_cache_fits)
+    schedule_knots: tuple[tuple[float, float], ...] = ()  # the run's LR schedule; () = fresh_schedule(epochs)
+    recipe: dict | None = None  # what the run is made from (runrecord.recipe); saved in every checkpoint
+    config: dict = field(default_factory=dict)  # the command's TrainConfig, as a dict: saved in every checkpoint
+
+
+def _say(line: str) -> None:
+    # Ray Train patches print() on its workers to tee into its logger, and the driver then shows
+    # every line twice; a write to the process's real stdout is forwarded once.
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _seed_for(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _batches(shard, p: WorkerPayload, device: torch.device, channels_last: bool, shuffle_seed: int | None):
+    """(images (N, 3, H, W) float normalised, labels (N, H, W) int64) on ``device``."""
+    shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER_ROWS, "local_shuffle_seed": shuffle_seed} if (
+        shuffle_seed is not None
+    ) else {}
+    for batch in shard.iter_batches(batch_size=p.batch_size, batch_format="numpy", **shuffle):
+        images, labels = rows_to_arrays(batch, p.height, p.width)
+        # frombuffer arrays are read-only; torch wants writable memory (a batch: ~1 MB to copy).
+        x = modelio.images_to_tensor(images.copy(), device=device, channels_last=channels_last)
+        y = torch.from_numpy(labels.copy()).to(device, non_blocking=True).long()
+        yield x, y
+
+
+def read_shard(shard, p: WorkerPayload) -> tuple[np.ndarray, np.ndarray]:
+    """This worker's whole shard, in memory: images (N, H, W, 3) and labels (N, H, W) uint8."""
+    images, labels = [], []
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        x, y = rows_to_arrays(batch, p.height, p.width)
+        images.append(x.copy())
+        labels.append(y.copy())
+    if not images:
+        return np.zeros((0, p.height, p.width, 3), np.uint8), np.zeros((0, p.height, p.width), np.uint8)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def array_batches(arrays: tuple[np.ndarray, np.ndarray], batch_size: int, order: np.ndarray, device: torch.device,
+                  channels_last: bool):
+    """Batches of an in-memory shard in ``order``, as :func:`_batches` yields them."""
+    images, labels = arrays
+    for k in range(0, len(order), batch_size):
+        idx = np.sort(order[k : k + batch_size])  # sorted: the same rows, faster gathers
+        x = modelio.images_to_tensor(images[idx], device=device, channels_last=channels_last)
+        y = torch.from_numpy(labels[idx]).to(device, non_blocking=True).long()
+        yield x, y
+
+
+def _autocast(device: torch.device):
+    # bf16 on GPU: the speed of fp16 without loss scaling; CPU autocast is slower for convs.
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def train_one_epoch(
+    model,
+    optimizer,
+    scheduler,
+    batches,
+    weight,
+    generator,
+    augmentation: Augmentation,
+    device,
+    void_index: int,
+):
+    """One pass over this worker's shard; returns (loss sum, weight sum, images) of this worker."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*weight, weight, images
+    for x, y in batches:
+        if augmentation.enabled:
+            x, y = augment_batch(x, y, generator, augmentation, void_index)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)  # grid_sample returns NCHW-contiguous
+        with _autocast(device):
+            logits = model(x)
+        loss_sum, denom = weighted_loss_sum(logits, y, weight, void_index)
+        loss = loss_sum / denom.clamp_min(1e-12)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulated on the device: .item() here would be a host sync every step on GPU.
+        totals[0] += loss_sum.detach().double()
+        totals[1] += denom.detach().double()
+        totals[2] += len(x)
+    return totals
+
+
+@torch.no_grad()
+def evaluate(model, batches, weight, device, num_classes: int, void_index: int):
+    """This worker's (confusion matrix (C, C) int64, [loss*weight, weight] float64) on its val shard."""
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    loss = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches:
+        with _autocast(device):
+            logits = model(x)
+        loss_sum, denom = weighted_loss_sum(logits, y, weight, void_index)
+        loss += torch.stack([loss_sum.double(), denom.double()])
+        cm += confusion_matrix(y, logits.argmax(dim=1), num_classes, void_index)
+    return cm, loss
+
+
+def _save_checkpoint(directory: str, state: dict, meta: dict) -> None:
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+    with open(os.path.join(directory, CHECKPOINT_META), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def _load_checkpoint(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, CHECKPOINT_FILE), "rb") as f:
+            return modelio.load_tensors(f.read(), f"{checkpoint.path}/{CHECKPOINT_FILE}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker. ``loop_config = {"payload": WorkerPayload}``."""
+    import ray.train
+    import ray.train.torch
+
+    p: WorkerPayload = loop_config["payload"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    if not on_gpu:
+        torch.set_num_threads(p.threads)
+
+    torch.manual_seed(p.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_network(p.arch, p.model_args)
+    # Steps of one epoch on this worker: train is split into equal shards (DataConfig below).
+    steps_per_epoch = max(1, math.ceil((p.train_rows // world) / p.batch_size))
+    knots = [list(k) for k in p.schedule_knots] or fresh_schedule(p.epochs)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    state = _load_checkpoint(checkpoint) if checkpoint else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        if rank == 0:
+            _say(f"train: worker resumed after epoch {start_epoch} of {p.epochs}")
+
+    if on_gpu:
+        if world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)  # to the device, DDP when world > 1 (gloo on CPU)
+    net = model.module if hasattr(model, "module") else model
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    # From the epoch and the knots, not from the checkpoint's step count (module docstring).
+    scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch, steps_per_epoch)
+    weight = torch.tensor(p.class_weights, device=device) if p.class_weights else None
+
+    train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
+    val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
+    cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def batches_of(split: str, shard, shuffle_seed: int | None):
+        """One pass over this worker's ``split``: from memory when shards are cached (read in full
+        on first use, reshuffled with ``shuffle_seed``), else streamed through Ray Data."""
+        if not p.cache_shards:
+            return _batches(shard, p, device, on_gpu, shuffle_seed)
+        if split not in cached:
+            cached[split] = read_shard(shard, p)
+        rows = len(cached[split][0])
+        order = np.arange(rows) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(rows)
+        return array_batches(cached[split], p.batch_size, order, device, on_gpu)
+
+    for epoch in range(start_epoch + 1, p.epochs + 1):
+        t0 = time.perf_counter()
+        lr_start = optimizer.param_groups[0]["lr"]
+        generator = torch.Generator().manual_seed(_seed_for(p.seed, rank, epoch))
+        batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(p.seed, rank, epoch, 1))
+        train_totals = _all_reduce(
+            train_one_epoch(
+                model, optimizer, scheduler, batches, weight, generator, p.augmentation, device, p.void_index,
+            )
+        )
+        train_time = time.perf_counter() - t0
+        # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
+        cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
+                                p.void_index)
+        # Counts and sums from every worker first; ratios only after (metrics.py).
+        cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
+        epoch_time = time.perf_counter() - t0
+        scores = summarize(cm, p.classes)
+        train_loss, train_weight, images = train_totals.tolist()
+        val_sum, val_weight = val_loss.tolist()
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss / train_weight if train_weight else float("nan"),
+            "val_loss": val_sum / val_weight if val_weight else float("nan"),
+            SCORE: scores["miou"],
+            "val_pixel_accuracy": scores["pixel_accuracy"],
+            "val_iou": scores["iou"],
+            "val_pixels": scores["pixels"],
+            "lr": optimizer.param_groups[0]["lr"],  # after the epoch's last step: the next step's
+            "lr_start": lr_start,  # of the epoch's first step
+            "train_images": int(images),
+            "images_per_s": images / train_time if train_time > 0 else float("nan"),
+            "train_time_s": train_time,
+            "epoch_time_s": epoch_time,
+            "world_size": world,
+        }
+        history.append(metrics)
+        name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
+        if rank == 0:
+            _say(format_epoch(metrics, p.epochs))
+            state = {
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "schedule": {"name": p.lr_schedule, "knots": knots, "epochs": p.epochs},
+                "arch": p.arch,
+                "model_config": dict(p.model_args),
+                "classes": list(p.classes),
+                "recipe": p.recipe,
+                "history": history,
+                "config": p.config,
+            }
+            meta = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            with tempfile.TemporaryDirectory() as d:
+                _save_checkpoint(d, state, meta)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        else:
+            # Every rank reports (a barrier); only rank 0's metrics and checkpoint are kept.
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+
+
+def format_epoch(m: dict, epochs: int) -> str:
+    return (
+        f"train: epoch {m['epoch']}/{epochs}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+        f"val_mIoU {m[SCORE]:.4f}  pixel_acc {m['val_pixel_accuracy']:.4f}  lr {m['lr']:.2e}  "
+        f"{m['images_per_s']:.1f} images/s  epoch {m['epoch_time_s']:.1f} s"
+    )
