@@ -105,6 +105,14 @@ class PrepareConfig:
     size: tuple[int, int] | None = None  # (height, width); None: the first image's size
     skip_bad: bool = False
 
+    def __post_init__(self) -> None:
+        for flag, value in (("--source", self.source), ("--dest", self.dest)):
+            if not isinstance(value, str) or not value:
+                raise PrepareError(f"{flag} is empty; pass s3://bucket/prefix or a local path")
+        if self.size is not None and (len(self.size) != 2 or any(
+                not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in self.size)):
+            raise PrepareError(f"--size must be HxW with positive sides, e.g. 176x240; got {self.size!r}")
+
 
 def process_pair(
     image_bytes: bytes,

@@ -131,3 +131,25 @@ def test_the_class_table_travels_in_dataset_json_and_the_model_config(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(bad))
     with pytest.raises(DatasetError, match="void index 2 is the index of class 2"):
         load_info(str(tmp_path))
+
+
+def test_evaluate_reads_colour_labels_with_the_one_decoder(tmp_path):
+    """The report used to decode index PNGs only and silently left `_L.png` frames out."""
+    import numpy as np
+
+    from segray import evaluate
+    from segray.camvid import ORIGINAL_COLORS
+    from segray.layout import label_color_table
+    from segray.preprocess import encode_png
+
+    rgb = dict((name, c) for c, name in ORIGINAL_COLORS)
+    label = np.zeros((2, 3, 3), np.uint8)
+    label[0] = rgb["Sky"]
+    label[1] = rgb["Car"]
+    label[1, 2] = (1, 2, 3)  # not in the table: void
+    (tmp_path / "f_L.png").write_bytes(encode_png(label))
+    row = {"label_uri": str(tmp_path / "f_L.png")}
+    decoded = evaluate._read_label(row, CAMVID, label_color_table(None))
+    np.testing.assert_array_equal(decoded, [[0, 0, 0], [8, 8, CAMVID.void_index]])
+    (tmp_path / "g.png").write_bytes(encode_png(np.full((2, 3), 3, np.uint8)))
+    assert evaluate._read_label({"label_uri": str(tmp_path / "g.png")}, CAMVID, ()).tolist() == [[3] * 3] * 2
