@@ -73,14 +73,6 @@ FILES_PER_TASK = 16
 FRAMES_PER_BLOCK = 16
 
 
-# Image files per load task: enough to amortise a task's start, few enough to spread a small
-# collection over every CPU. An archive is always a task of its own.
-FILES_PER_TASK = 16
-# Frames per block out of load_frames: an archive's members leave its task in pieces this big.
-FRAMES_PER_BLOCK = 16
-
-
-
 def listing_tables(listing: sources.Listing) -> list[pa.Table]:
     """The listing as Ray Data input blocks: each archive alone, image files FILES_PER_TASK a block."""
     archives = [i for i in listing.inputs if i.kind == sources.KIND_ARCHIVE]

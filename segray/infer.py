@@ -3,10 +3,10 @@
 One Ray Data pass, memory flat in the number of frames::
 
     listing (driver: object names only, sources.list_inputs)
-      -> load_frames      tasks   read, expand .tar archives, decode, resize to the model's size
-      -> Predictor        actors  one model per replica (GPU with --use-gpu), argmax masks
+      -> load_frames      tasks   read, expand containers, decode, resize to the model's size  (frames.py)
+      -> Predictor        actors  one model per replica (GPU with --use-gpu), argmax masks      (predictor.py)
       -> postprocess      tasks   mask back to the frame's size (NEAREST), PNG, counts, confusion
-      -> PredictionSink   tasks   predictions/ and errors/ Parquet; per-task summed counts
+      -> PredictionSink   tasks   predictions/ and errors/ Parquet; per-task summed counts     (here)
 
 then ``metrics.parquet``, written last, from one confusion matrix summed inside Ray Data: by
 the write tasks of a first run, or, when the output already held rows (a rerun), over every
@@ -47,13 +47,6 @@ from segray.predictions import (
 )
 from segray.layout import label_color_table
 from segray.predictor import ModelLoader, Predictor, postprocess
-
-
-# Image files per load task: enough to amortise a task's start, few enough to spread a small
-# collection over every CPU. An archive is always a task of its own.
-FILES_PER_TASK = 16
-# Frames per block out of load_frames: an archive's members leave its task in pieces this big.
-FRAMES_PER_BLOCK = 16
 
 
 class InferError(SegrayError, ValueError):

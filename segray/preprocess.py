@@ -109,12 +109,17 @@ def decode_label(
         arr = np.asarray(img)
     else:
         arr = np.asarray(img.convert("I"))
-    allowed = classes.valid_values()
+    k, void = classes.num_classes, classes.void_index
     if arr.dtype == np.uint8:
-        bad_pixels = ~allowed[arr]
+        # The common cases in one pass over the pixels: every value a class index, or (CamVid)
+        # the classes and void as one range 0..K. Only other labels pay for the full check.
+        top = int(arr.max(initial=0))
+        if top < k or (top == void == k):
+            return arr.astype(np.uint8), 0  # a copy, writable and contiguous, as below
+        bad_pixels = ~classes.valid_values()[arr]
     else:  # 16/32-bit: values over 255 are never a class
         wide = arr.astype(np.int64)
-        bad_pixels = (wide < 0) | (wide > 255) | ~allowed[wide.clip(0, 255)]
+        bad_pixels = (wide < 0) | (wide > 255) | ~classes.valid_values()[wide.clip(0, 255)]
     if bad_pixels.any():
         bad = np.unique(arr[bad_pixels])
         shown = ", ".join(str(int(v)) for v in bad[:5])
