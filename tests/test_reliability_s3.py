@@ -164,6 +164,9 @@ def test_prepare_train_infer_through_s3_faults_match_a_fault_free_run(run_job, s
     for split in ("train", "val"):
         assert _table(f"{faulty}/prepared/{split}", "name").equals(_table(f"{clean}/prepared/{split}", "name"))
     info = [json.loads(storage.read_bytes(f"{r}/prepared/dataset.json")) for r in (clean, faulty)]
+    # Shards are named by their prepare run (dataset.json "files"): the same splits and counts, other names.
+    files = [i.pop("files") for i in info]
+    assert {k: len(v) for k, v in files[0].items()} == {k: len(v) for k, v in files[1].items()} and files[0]["train"]
     assert info[0] == info[1]
     w_clean, w_faulty = _weights(f"{clean}/runs/r"), _weights(f"{faulty}/runs/r")
     assert w_clean.keys() == w_faulty.keys() and all(torch.equal(w_clean[k], w_faulty[k]) for k in w_clean)
