@@ -12,8 +12,6 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from segray import sources, storage
@@ -27,10 +25,9 @@ from segray.predictions import (
     COL_URI,
     METRICS_FILE,
     PREDICTIONS_DIR,
-    PREDICTIONS_SCHEMA,
-    parquet_files,
     read_confusion,
     read_record,
+    read_table,
 )
 from segray.preprocess import decode_image, decode_label
 from segray.report import GENERATOR_TAG, REPORT_FILE, Example, write_report
@@ -45,18 +42,6 @@ SIZE_BUCKETS: tuple[tuple[str, int, int], ...] = (
     ("256-1023 px", 256, 1024),
     ("≥ 1024 px", 1024, 1 << 62),
 )
-
-
-def read_table(folder: str, columns: list[str] | None = None, filters=None):
-    """The part files of an infer output folder, exactly those infer counts (predictions.parquet_files):
-    a killed write's ``*.tmp-*`` file or a stray file is not read."""
-    files = parquet_files(folder)
-    if not files:
-        schema = PREDICTIONS_SCHEMA if columns is None else pa.schema([PREDICTIONS_SCHEMA.field(c) for c in columns])
-        return schema.empty_table()
-    fs, _ = storage.resolve(files[0])
-    return pq.read_table([storage.resolve(f)[1] for f in files], filesystem=fs, columns=columns, filters=filters,
-                         schema=PREDICTIONS_SCHEMA)
 
 
 def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -163,11 +148,11 @@ def _read_example(row: dict, classes: ClassTable, colors: tuple) -> Example | No
     return Example(row[COL_URI].rsplit("/", 1)[-1], image, pred, label, row.get(COL_ACCURACY))
 
 
-def output_classes(output: str, names: list[str]) -> ClassTable:
-    """The class table of an infer output: what its ``infer.json`` recorded, else (an output written
-    before it did) CamVid's when ``metrics.parquet`` names CamVid's classes, else the names with
-    grey shades."""
-    fields = read_record(output).get("classes")
+def output_classes(record: dict, names: list[str]) -> ClassTable:
+    """The class table of an infer output: what its ``infer.json`` (``record``) holds, else (an
+    output written before it did) CamVid's when ``metrics.parquet`` names CamVid's classes, else
+    the names with grey shades."""
+    fields = record.get("classes")
     if isinstance(fields, dict):
         try:
             return ClassTable.from_fields(**fields)
@@ -211,8 +196,9 @@ def build_report(output: str, dest: str, run: str | None = None, title: str = "s
     if not storage.exists(storage.join(output, METRICS_FILE)):
         raise FileNotFoundError(f"{output}: no {METRICS_FILE}; run jobs/infer.py with --labels to this output first")
     cm, names = read_confusion(output)
-    classes = output_classes(output, names)
-    colors = label_color_table(read_record(output).get("labels"))
+    record = read_record(output)
+    classes = output_classes(record, names)
+    colors = label_color_table(record.get("labels"))
     table = read_table(storage.join(output, PREDICTIONS_DIR), columns=[COL_URI, COL_LABEL_URI, COL_ACCURACY])
     scored = [r for r in table.to_pylist() if r[COL_ACCURACY] is not None]
     scored.sort(key=lambda r: r[COL_ACCURACY])

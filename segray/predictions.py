@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -358,10 +359,20 @@ def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
 # ----------------------------------------------------------------------------- readers
 
 
+def read_table(folder: str, columns: list[str] | None = None, filters=None):
+    """The part files of an infer output folder, exactly those infer counts (predictions.parquet_files):
+    a killed write's ``*.tmp-*`` file or a stray file is not read."""
+    files = parquet_files(folder)
+    if not files:
+        schema = PREDICTIONS_SCHEMA if columns is None else pa.schema([PREDICTIONS_SCHEMA.field(c) for c in columns])
+        return schema.empty_table()
+    fs, _ = storage.resolve(files[0])
+    return pq.read_table([storage.resolve(f)[1] for f in files], filesystem=fs, columns=columns, filters=filters,
+                         schema=PREDICTIONS_SCHEMA)
+
+
 def read_record(output: str) -> dict:
     """``<output>/infer.json`` ({} when there is none or it is not a segray record)."""
-    import json
-
     uri = storage.join(output, RUN_FILE)
     if not storage.exists(uri):
         return {}
@@ -384,12 +395,7 @@ def read_confusion(output: str) -> tuple[np.ndarray, list[str]]:
     if rows and all(r.get("confusion") is not None for r in rows):
         return np.asarray([r["confusion"] for r in rows], dtype=np.int64).reshape(len(rows), len(rows)), names
     cm = np.zeros(len(names) * len(names), dtype=np.int64)
-    files = parquet_files(storage.join(output, PREDICTIONS_DIR))
-    if files:
-        pfs, _ = storage.resolve(files[0])
-        column = pq.read_table([storage.resolve(f)[1] for f in files], filesystem=pfs, columns=[COL_CONFUSION],
-                               schema=PREDICTIONS_SCHEMA).column(COL_CONFUSION)
-        for row in column.to_pylist():
-            if row is not None:
-                cm += np.asarray(row, dtype=np.int64)
+    for row in read_table(storage.join(output, PREDICTIONS_DIR), [COL_CONFUSION]).column(COL_CONFUSION).to_pylist():
+        if row is not None:
+            cm += np.asarray(row, dtype=np.int64)
     return cm.reshape(len(names), len(names)), names

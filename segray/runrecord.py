@@ -57,26 +57,17 @@ TRAINING_SETTINGS: tuple[tuple[str, str], ...] = (
 RECIPE_SETTINGS: tuple[tuple[str, str], ...] = TRAINING_SETTINGS[:5] + augmentation_names() + TRAINING_SETTINGS[5:]
 
 
-def _plain(x: Any) -> Any:
-    """Tuples -> lists, recursively: the value as it comes back from JSON."""
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    return x
-
-
-def _finite(x: Any, default: float | None = None) -> Any:
+def finite(x: Any, default: float | None = None) -> Any:
     return x if not isinstance(x, float) or math.isfinite(x) else default
 
 
-def _jsonable(x: Any) -> Any:
-    """NaN/inf -> None, recursively: JSON has no NaN."""
+def jsonable(x: Any) -> Any:
+    """The value as it comes back from JSON: tuples -> lists and NaN/inf -> None, recursively."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return _finite(x)
+        return [jsonable(v) for v in x]
+    return finite(x)
 
 
 def recipe(config: TrainConfig, info: DatasetInfo, dataset_sha256: str) -> dict:
@@ -88,7 +79,7 @@ def recipe(config: TrainConfig, info: DatasetInfo, dataset_sha256: str) -> dict:
         "classes": list(info.classes),
         "arch": config.arch,
         "model": config.model_args(len(info.classes)),
-        **{field: _plain(getattr(config, field)) for field, _ in TRAINING_SETTINGS},
+        **{field: jsonable(getattr(config, field)) for field, _ in TRAINING_SETTINGS},
         **config.augmentation.record(),
     }
 
@@ -99,7 +90,7 @@ def legacy_recipe(meta: dict) -> dict:
     config = meta.get("config") or {}
     out = {k: v for k, v in (("data", config.get("data")), ("classes", meta.get("classes")),
                              ("model", meta.get("model_config"))) if v is not None}
-    out.update({field: _plain(config[field]) for field, _ in RECIPE_SETTINGS if field in config})
+    out.update({field: jsonable(config[field]) for field, _ in RECIPE_SETTINGS if field in config})
     return out
 
 
@@ -142,7 +133,7 @@ def resume_refusal(run_uri: str, recorded: dict, current: dict) -> str | None:
     content_changed = False
 
     def differs(key: str) -> bool:
-        return key in recorded and _plain(recorded[key]) != _plain(current.get(key))
+        return key in recorded and jsonable(recorded[key]) != jsonable(current.get(key))
 
     if differs("data"):
         was, now = _facts(recorded), _facts(current)
@@ -157,7 +148,7 @@ def resume_refusal(run_uri: str, recorded: dict, current: dict) -> str | None:
         clauses.append(f"--arch was {recorded['arch']}, this command has {current.get('arch')}")
         same.append("--arch")
     old_model, new_model = recorded.get("model"), current.get("model") or {}
-    if old_model is not None and not differs("arch") and _plain(old_model) != _plain(new_model):
+    if old_model is not None and not differs("arch") and jsonable(old_model) != jsonable(new_model):
         for key in sorted(set(old_model) | set(new_model)):
             if old_model.get(key) != new_model.get(key):
                 name = "--base-channels" if key == "base_channels" else f"--arch-arg {key}"

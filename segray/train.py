@@ -57,7 +57,7 @@ from segray.recipe import (
     lr_factor,
     schedule_progress,
 )
-from segray.runrecord import _finite, _jsonable, check_run_folder, dataset_sha256, legacy_recipe, recipe
+from segray.runrecord import check_run_folder, finite, jsonable, dataset_sha256, legacy_recipe, recipe
 from segray.runrecord import resume_refusal, write_run_file
 from segray.worker import (
     CHECKPOINT_FILE,
@@ -382,7 +382,7 @@ def _best(result) -> tuple:
     scored = [(c, m) for c, m in result.best_checkpoints if m and m.get(SCORE) is not None]
     if not scored:
         raise TrainError(f"{result.path}: no checkpoint with {SCORE} to export")
-    return max(scored, key=lambda cm: (_finite(cm[1][SCORE], -1.0), cm[1].get("epoch", 0)))
+    return max(scored, key=lambda cm: (finite(cm[1][SCORE], -1.0), cm[1].get("epoch", 0)))
 
 
 def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_before: int) -> TrainResult:
@@ -424,7 +424,7 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
         "elapsed_s": elapsed,
     }
     storage.write_bytes(storage.join(config.run_uri, METRICS_FILE),
-                        (json.dumps(_jsonable(doc), indent=2) + "\n").encode())
+                        (json.dumps(jsonable(doc), indent=2) + "\n").encode())
     return TrainResult(config.run_uri, model_uri, history, best["epoch"], best, len(history) - done_before, elapsed)
 
 
@@ -499,7 +499,7 @@ def train(config: TrainConfig) -> TrainResult:
                                           info.height, info.width, config.shard_cache_bytes),
             schedule_knots=tuple((float(e), float(p)) for e, p in knots),
             recipe=current,
-            config=_jsonable(config.to_dict()),
+            config=jsonable(config.to_dict()),
         )
         result = _fit(config, payload, info)
     out = export(config, info, result, start, done_before=done)

@@ -481,9 +481,9 @@ def test_check_dataset_refuses_a_foreign_dataset_json(tmp_path):
 
 
 def test_summary_numbers_are_json_safe():
-    from segray.runrecord import _jsonable
+    from segray.runrecord import jsonable
 
-    assert _jsonable({"a": [1.0, float("nan")], "b": {"c": math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
+    assert jsonable({"a": [1.0, float("nan")], "b": {"c": math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
 
 
 # ------------------------------------------------------------------------ in-memory shards
