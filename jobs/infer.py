@@ -20,8 +20,9 @@ D = defaults(InferConfig)  # every flag's default comes from InferConfig
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Segment every frame below --images (PNG/JPEG files at any nesting, or .tar archives of "
-        "frames) with a trained model, and write <output>/predictions/ (one row per frame: mask PNG at the "
+        description="Segment every frame below --images (PNG/JPEG files at any nesting, .tar archives of "
+        "frames, video files: .mp4 .m4v .mov .mkv .webm .avi) with a trained model, and write "
+        "<output>/predictions/ (one row per frame: mask PNG at the "
         "frame's size, class pixel counts, and with --labels confusion counts), <output>/errors/ (one row per "
         "input that could not be used) and <output>/metrics.parquet (IoU per class, mIoU, pixel accuracy).",
         epilog="URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment. "
@@ -32,11 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         "of the job.",
     )
     parser.add_argument("--model", required=True, help="a training run (<storage>/<name>) or its model/ folder")
-    parser.add_argument("--images", required=True, help="prefix of frames: image files and/or .tar archives")
+    parser.add_argument("--images", required=True,
+                        help="prefix of frames: image files, .tar archives and/or video files (frame k of a video "
+                        "is <video uri>#frame=<k>)")
     parser.add_argument("--output", required=True, help="where to write predictions/, errors/, metrics.parquet")
     parser.add_argument("--labels", default=None,
                         help="prefix of label PNGs (class indices, or colour-coded NAME_L.png) paired with the "
-                        "frames by relative path and stem; with it, metrics are computed")
+                        "frames by relative path and stem (frame k of a/clip.mp4: a/clip/<k>.png); with it, metrics "
+                        "are computed")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per model replica (bf16, channels-last)")
     parser.add_argument("--batch-size", type=int, default=D["batch_size"], help="frames per model call (default %(default)s)")
     parser.add_argument("--num-replicas", type=int, default=D["num_replicas"],
@@ -49,7 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=D["rows_per_file"],
                         help="rows per Parquet part file of predictions/ and errors/ (default %(default)s)")
     parser.add_argument("--write-masks", action="store_true",
-                        help="also write colour PNGs to <output>/masks/, mirroring the input paths")
+                        help="also write colour PNGs to <output>/masks/, mirroring the input paths (video frames: "
+                        "masks/<video path>/<k>.png)")
+    select = parser.add_mutually_exclusive_group()
+    select.add_argument("--every", type=int, default=D["every"], metavar="N",
+                        help="videos: predict every N-th frame (0, N, 2N, ...); default every frame")
+    select.add_argument("--fps", type=float, default=D["fps"], metavar="F",
+                        help="videos: predict the frames nearest to a rate of F frames per second")
+    parser.add_argument("--frames-per-task", type=int, default=D["frames_per_task"],
+                        help="a video or plain .tar with more frames is cut into ranges of about this many, "
+                        "decoded by parallel tasks (default %(default)s)")
+    parser.add_argument("--write-video", action="store_true",
+                        help="also write <output>/overlays/<video path>.mp4 per input video: its predicted frames "
+                        "with the colour mask blended in (H.264)")
     args = parser.parse_args(argv)
 
     from segray.infer import infer
@@ -67,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads,
             write_masks=args.write_masks,
             rows_per_file=args.rows_per_file,
+            every=args.every,
+            fps=args.fps,
+            frames_per_task=args.frames_per_task,
+            write_video=args.write_video,
         )
         infer(config)
 

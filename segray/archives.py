@@ -9,16 +9,21 @@ Only the archive's name is listed on the driver (segray/sources.py); its members
 streaming, in the Ray task that decodes them (:func:`iter_archive`), so a 100 GB archive costs
 the driver nothing. Compression is recognised by the bytes, not the name, and the archive is
 read to its end, so damage anywhere is an :class:`ArchiveError` after the members before it.
+
+A big plain tar can also be split between tasks: :func:`index_tar` makes the same pass (and the
+same decisions) as :func:`iter_tar` but keeps only where each member's data lies
+(:class:`MemberRef`), and :func:`read_tar_members` reads one range of those refs by offset.
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import tarfile
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from segray.errors import SegrayError
@@ -57,6 +62,19 @@ class Member:
 
     path: str
     data: bytes = b""
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class MemberRef:
+    """One member of a tar archive located by the index (:func:`index_tar`), without its bytes.
+
+    ``path`` and ``error`` are exactly the Member's that :func:`iter_tar` gives for it;
+    ``offset`` is where its data starts in the (decompressed) archive, -1 with ``error``."""
+
+    path: str
+    offset: int = -1
+    size: int = 0
     error: str = ""
 
 
@@ -138,38 +156,32 @@ def _member_problem(info: tarfile.TarInfo) -> str:
     return f"a member of type {info.type!r}, not a file"
 
 
-def iter_tar(
-    archive_uri: str, skip: Iterable[str] = frozenset(), taken: Iterable[str] = ()
-) -> Iterator[Member]:
-    """Stream the members of a tar archive (plain, gzip, bzip2 or xz), one at a time, in order.
-
-    Every member that is not a directory is one Member (directories are no rows): a regular
-    file with its bytes, or anything else with ``error`` set (a link, a fifo or device, a name
-    that leaves the archive or is not UTF-8, a duplicate name after cleaning ``./``, an image
-    whose mask would be a folder of other members' masks, a member over MAX_MEMBER_BYTES).
-    Members whose URI is in ``skip`` are passed over (their bytes are still streamed past: a
-    tar has no index). ``taken``: URIs of other objects below ``<archive_uri>/`` (an S3 key
-    ``A.tar/x.png`` beside ``A.tar``, Input.taken) that members must not reuse. An archive
-    without any file yields one ``Member("", error=...)`` (unless ``archive_uri`` is in ``skip``).
-
-    Raises ArchiveError (after the members read before it) when the archive is not a tar, is
-    truncated or corrupt (checked to its very end: compressed streams to their checksum, a
-    plain tar's bytes after its end-of-archive marker must be zeros), or cannot be read;
-    FileNotFoundError when the object does not exist.
-    """
-    skip = skip if isinstance(skip, (set, frozenset)) else frozenset(skip)
-    archive_uri = archive_uri.rstrip("/")
-    fs, path = storage.resolve(archive_uri)
+def _open(archive_uri: str, opener: Callable):
+    """``opener()`` (a pyarrow open of the archive): FileNotFoundError as such, any other
+    OSError an ArchiveError naming the archive."""
     try:
-        # compression=None: tarfile tells a compressed archive by its bytes; pyarrow would
-        # decompress by extension (and a .tar.gz that is a plain tar would fail). Buffered:
-        # tarfile reads 512 bytes to 10 KiB at a time, and every read of a bare S3 stream is a
-        # GET of its own (docs/benchmarks.md: "A bug this benchmark found").
-        raw = fs.open_input_stream(path, compression=None, buffer_size=ARCHIVE_READ_BUFFER)
+        return opener()
     except FileNotFoundError:
         raise
     except OSError as e:
         raise ArchiveError(archive_uri, f"cannot read ({storage._first_line(e)})") from e
+
+
+def _tar_rows(
+    archive_uri: str, skip: Iterable[str], taken: Iterable[str], keep: bool
+) -> Iterator[tuple[str, tarfile.TarInfo | None, bytes, str]]:
+    """The one pass behind :func:`iter_tar` and :func:`index_tar`: ``(path, info, data, error)``
+    per row (``info`` None for the empty-archive row), every decision on names, links, masks,
+    ``skip``, ``taken`` and sizes made here. A usable member's data is read whole when ``keep``,
+    else streamed past (its length checked, so both raise at the same member)."""
+    skip = skip if isinstance(skip, (set, frozenset)) else frozenset(skip)
+    archive_uri = archive_uri.rstrip("/")
+    fs, path = storage.resolve(archive_uri)
+    # compression=None: tarfile tells a compressed archive by its bytes; pyarrow would
+    # decompress by extension (and a .tar.gz that is a plain tar would fail). Buffered:
+    # tarfile reads 512 bytes to 10 KiB at a time, and every read of a bare S3 stream is a
+    # GET of its own (docs/benchmarks.md: "A bug this benchmark found").
+    raw = _open(archive_uri, lambda: fs.open_input_stream(path, compression=None, buffer_size=ARCHIVE_READ_BUFFER))
     with raw:
         try:
             stream, _ = _open_tar_stream(raw)
@@ -223,16 +235,17 @@ def iter_tar(
             if not problem and info.size > MAX_MEMBER_BYTES:
                 problem = f"{info.size} bytes is over the {MAX_MEMBER_BYTES} bytes a frame may have"
             if problem:
-                yield Member(path, error=f"{uri}: {problem}")
+                yield path, info, b"", f"{uri}: {problem}"
                 continue
             try:
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"member {path} is truncated ({len(data)} of {info.size} bytes)")
+                f = tar.extractfile(info) or io.BytesIO()
+                data = f.read() if keep else b""
+                got = len(data) if keep else sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+                if got != info.size:
+                    raise tarfile.ReadError(f"member {path} is truncated ({got} of {info.size} bytes)")
             except Exception as e:  # noqa: BLE001
                 raise _broken(archive_uri, e) from e
-            yield Member(path, data)
+            yield path, info, data, ""
         try:
             _check_end(archive_uri, tar.offset, stream)
         except ArchiveError:
@@ -240,7 +253,30 @@ def iter_tar(
         except Exception as e:  # noqa: BLE001 - a compressed stream cut or corrupt past the last member
             raise _broken(archive_uri, e) from e
         if files == 0 and archive_uri not in skip:
-            yield Member("", error=f"{archive_uri}: an empty archive (no files in it); remove it or add the frames")
+            yield "", None, b"", f"{archive_uri}: an empty archive (no files in it); remove it or add the frames"
+
+
+def iter_tar(
+    archive_uri: str, skip: Iterable[str] = frozenset(), taken: Iterable[str] = ()
+) -> Iterator[Member]:
+    """Stream the members of a tar archive (plain, gzip, bzip2 or xz), one at a time, in order.
+
+    Every member that is not a directory is one Member (directories are no rows): a regular
+    file with its bytes, or anything else with ``error`` set (a link, a fifo or device, a name
+    that leaves the archive or is not UTF-8, a duplicate name after cleaning ``./``, an image
+    whose mask would be a folder of other members' masks, a member over MAX_MEMBER_BYTES).
+    Members whose URI is in ``skip`` are passed over (their bytes are still streamed past: a
+    tar has no index). ``taken``: URIs of other objects below ``<archive_uri>/`` (an S3 key
+    ``A.tar/x.png`` beside ``A.tar``, Input.taken) that members must not reuse. An archive
+    without any file yields one ``Member("", error=...)`` (unless ``archive_uri`` is in ``skip``).
+
+    Raises ArchiveError (after the members read before it) when the archive is not a tar, is
+    truncated or corrupt (checked to its very end: compressed streams to their checksum, a
+    plain tar's bytes after its end-of-archive marker must be zeros), or cannot be read;
+    FileNotFoundError when the object does not exist.
+    """
+    for path, _, data, error in _tar_rows(archive_uri, skip, taken, keep=True):
+        yield Member(path, data, error)
 
 
 def _check_end(archive_uri: str, offset: int, stream: _Counted) -> None:
@@ -265,6 +301,97 @@ def _check_end(archive_uri: str, offset: int, stream: _Counted) -> None:
     if nonzero:
         raise ArchiveError(archive_uri, f"unreadable data after byte {offset} (a damaged member header, or "
                            "another archive appended); the members before it were processed")
+
+
+# ------------------------------------------------------------------------ index and range reads
+
+
+def tar_compression(archive_uri: str) -> str:
+    """``"tar"`` for a plain tar archive, else ``"gzip"``, ``"bzip2"`` or ``"xz"``: told by the
+    first bytes, as :func:`iter_tar` does. Raises FileNotFoundError when the archive does not
+    exist, ArchiveError when it cannot be read."""
+    archive_uri = archive_uri.rstrip("/")
+    fs, path = storage.resolve(archive_uri)
+    with _open(archive_uri, lambda: fs.open_input_stream(path, compression=None)) as raw:
+        head = _open(archive_uri, lambda: raw.read(6))
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), "tar")
+
+
+def index_tar(
+    archive_uri: str, skip: Iterable[str] = frozenset(), taken: Iterable[str] = ()
+) -> Iterator[MemberRef]:
+    """One MemberRef per Member that ``iter_tar(archive_uri, skip, taken)`` yields, in the same
+    order, with the same ``path`` and ``error`` (the empty-archive row included): the same pass,
+    streaming past the members' bytes instead of keeping them. Raises as iter_tar does, after
+    the refs before the damage (the end of the archive checked too)."""
+    for path, info, _, error in _tar_rows(archive_uri, skip, taken, keep=False):
+        yield MemberRef(path, error=error) if error or info is None else MemberRef(path, info.offset_data, info.size)
+
+
+class _Window:
+    """Reads of ascending byte ranges of a random-access file through one window of at least
+    ARCHIVE_READ_BUFFER bytes: each refill is one read (one ranged GET on S3), never a read per
+    member; bytes between the ranges are skipped by starting the next window past them."""
+
+    def __init__(self, archive_uri: str, f) -> None:
+        self.uri, self.f, self.size = archive_uri, f, f.size()
+        self.start, self.buf = 0, b""
+
+    def read(self, offset: int, n: int) -> memoryview:
+        if offset < 0 or offset + n > self.size:
+            raise ArchiveError(self.uri, f"changed or truncated since it was indexed ({n} bytes at byte {offset} "
+                               f"of an archive of {self.size} bytes)")
+        end = self.start + len(self.buf)
+        if not (self.start <= offset and offset + n <= end):
+            keep = self.buf[offset - self.start:] if self.start <= offset < end else b""
+            at = offset + len(keep)
+            more = _open(self.uri, lambda: self.f.read_at(min(max(offset + n - at, ARCHIVE_READ_BUFFER),
+                                                                self.size - at), at))
+            self.start, self.buf = offset, keep + more
+            if len(self.buf) < n:
+                raise ArchiveError(self.uri, f"changed or truncated since it was indexed (byte {at + len(more)} "
+                                   f"is its end, {self.size} bytes were expected)")
+        return memoryview(self.buf)[offset - self.start:offset - self.start + n]
+
+
+def read_tar_members(archive_uri: str, refs: Sequence[MemberRef]) -> Iterator[Member]:
+    """The Members of ``refs`` (from :func:`index_tar`, in ascending offsets) of a plain tar: a
+    ref with ``error`` is ``Member(path, error=error)``, any other ``size`` bytes read at its
+    ``offset``, after its header there is checked (a regular file of that size).
+
+    The archive is read from the first ref on, in windows of ARCHIVE_READ_BUFFER bytes (a few
+    large ranged GETs on S3). Raises ArchiveError naming the archive when it is compressed
+    (index it, but read it with iter_tar) or its bytes are not what the index says (changed or
+    truncated since), FileNotFoundError when it does not exist."""
+    archive_uri = archive_uri.rstrip("/")
+    first = next((ref for ref in refs if not ref.error and ref.offset >= 0), None)
+    if first is None:
+        yield from (Member(ref.path, error=ref.error) for ref in refs)
+        return
+    fs, path = storage.resolve(archive_uri)
+    with _open(archive_uri, lambda: fs.open_input_file(path)) as f:
+        window = _Window(archive_uri, f)
+        # The first bytes tell the compression: in the first window when it starts near them.
+        near = first.offset - tarfile.BLOCKSIZE < ARCHIVE_READ_BUFFER // 16
+        head = window.read(0, min(6, window.size)) if near else _open(archive_uri, lambda: f.read_at(6, 0))
+        kind = next((name for magic, name in _MAGIC if bytes(head).startswith(magic)), "tar")
+        if kind != "tar":
+            raise ArchiveError(archive_uri, f"a {kind}-compressed archive: only a plain tar's members are "
+                               "read by range; read it whole (iter_tar)")
+        for ref in refs:
+            if ref.error or ref.offset < 0:
+                yield Member(ref.path, error=ref.error)
+                continue
+            try:
+                block = bytes(window.read(ref.offset - tarfile.BLOCKSIZE, tarfile.BLOCKSIZE))
+                header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError:
+                header = None
+            if header is None or header.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE) \
+                    or header.size != ref.size:
+                raise ArchiveError(archive_uri, f"changed since it was indexed, or {ref.path} is a sparse file "
+                                   f"(read those whole): no file of {ref.size} bytes at byte {ref.offset}")
+            yield Member(ref.path, bytes(window.read(ref.offset, ref.size)))
 
 
 # ------------------------------------------------------------------------ the registry

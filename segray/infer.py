@@ -3,7 +3,8 @@
 One Ray Data pass, memory flat in the number of frames::
 
     listing (driver: object names only, sources.list_inputs)
-      -> load_frames      tasks   read, expand containers, decode, resize to the model's size  (frames.py)
+      -> plan_units       tasks   image files in groups; containers indexed, cut into ranges    (frames.py)
+      -> load_units       tasks   read, decode, resize each unit's frames to the model's size  (frames.py)
       -> Predictor        actors  one model per replica (GPU with --use-gpu), argmax masks      (predictor.py)
       -> postprocess      tasks   mask back to the frame's size (NEAREST), PNG, counts, confusion
       -> PredictionSink   tasks   predictions/ and errors/ Parquet; per-task summed counts     (here)
@@ -13,7 +14,8 @@ the write tasks of a first run, or, when the output already held rows (a rerun),
 row of ``predictions/`` (:func:`aggregate_predictions`). Never from predictions on the driver.
 
 The output (``<output>/``: ``infer.json``, ``predictions/``, ``errors/``, ``metrics.parquet``,
-``masks/``) and its readers and writers are the artifact module segray/predictions.py.
+``masks/``, ``overlays/``) and its readers and writers are the artifact module segray/predictions.py.
+With ``--write-video``, one task per video then writes its overlay video (segray/overlay.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ import pyarrow as pa
 
 from segray import modelio, sources, storage
 from segray.classes import ClassTable
-from segray.errors import SegrayError
-from segray.frames import listing_tables, load_frames
+from segray.errors import SegrayError, describe
+from segray.frames import listing_tables, load_units, plan_units
 from segray.metrics import iou_per_class, mean_iou, pixel_accuracy
 from segray.predictions import (
     ERRORS_DIR,
@@ -49,6 +51,10 @@ from segray.layout import label_color_table
 from segray.predictor import ModelLoader, Predictor, postprocess
 
 
+# CPUs reserved by a planning task (listing a block of files, indexing a container).
+PLAN_CPUS = 0.5
+
+
 class InferError(SegrayError, ValueError):
     """The job cannot run as asked; the message names the thing and the fix."""
 
@@ -66,9 +72,13 @@ class InferConfig:
     cpus_per_replica: float = 1.0  # CPUs Ray reserves for each CPU model actor
     threads: int | None = None  # torch threads of a CPU replica; None: cpu_threads_default()
     rows_per_file: int = 1000  # rows per Parquet part file (at least; the last may be smaller)
+    every: int | None = None  # videos: keep every N-th frame
+    fps: float | None = None  # videos: keep the frames nearest to this rate
+    frames_per_task: int = 500  # a container with more frames is cut into ranges for parallel tasks
+    write_video: bool = False  # an overlay video per input video under <output>/overlays/
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "num_replicas", "rows_per_file"):
+        for name in ("batch_size", "num_replicas", "rows_per_file", "frames_per_task"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InferError(f"{_flag(name)} must be a positive integer, got {value!r}")
@@ -76,6 +86,12 @@ class InferConfig:
             raise InferError(f"--cpus-per-replica must be positive, got {self.cpus_per_replica!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise InferError(f"--threads must be a positive integer, got {self.threads!r}")
+        if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1):
+            raise InferError(f"--every must be a positive integer, got {self.every!r}")
+        if self.fps is not None and (not isinstance(self.fps, (int, float)) or not 0 < self.fps < float("inf")):
+            raise InferError(f"--fps must be a positive number of frames per second, got {self.fps!r}")
+        if self.every is not None and self.fps is not None:
+            raise InferError("--every and --fps both select video frames; pass one of them")
         for name in ("model", "images", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InferError(f"{_flag(name)} is empty; pass s3://bucket/prefix or a local path")
@@ -182,6 +198,9 @@ def run_record(config: InferConfig, model_sha256: str, classes: ClassTable | Non
         # Masks are written with the rows: a rerun that adds --write-masks would leave the frames
         # of the earlier run without one, silently.
         "write_masks": config.write_masks,
+        # Which frames of a video are kept: a rerun with another selection would mix two.
+        "every": config.every,
+        "fps": config.fps,
         **({"classes": classes.to_fields()} if classes is not None else {}),
     }
 
@@ -213,6 +232,8 @@ def check_output(config: InferConfig, record: dict) -> bool:
         ("images", "--images", "--images"),
         ("labels", "--labels", "--labels"),
         ("write_masks", "--write-masks", "--write-masks"),
+        ("every", "--every", "--every"),
+        ("fps", "--fps", "--fps"),
     )
     for key, flag, what in checks:
         if earlier.get(key, False if key == "write_masks" else None) != record[key]:
@@ -261,15 +282,24 @@ def run_pipeline(
     # block." (segray turns every input's failure into a row; what is left is a system failure
     # whose own message the job's last line should show).
     ray.data.DataContext.get_current().raise_original_map_exception = True
+    # The whole label index travels only when container frames need pairing in tasks.
+    labels = listing.labels if listing.archives or listing.videos else None
     ds = ray.data.from_arrow(listing_tables(listing))
     ds = ds.map_batches(
-        load_frames,
-        fn_kwargs={
-            "size": spec.input_size,
-            "images_root": config.images,
-            # The whole label index travels only when archive members need pairing in tasks.
-            "labels": listing.labels if listing.archives else None,
-        },
+        plan_units,
+        fn_kwargs={"frames_per_task": config.frames_per_task, "images_root": config.images, "labels": labels,
+                   "every": config.every, "fps": config.fps},
+        batch_size=None,
+        batch_format="pyarrow",
+        # Indexing a container is mostly reading; a reservation unlike the load tasks' also keeps
+        # Ray Data from fusing the two, which would decode a container's ranges one after another.
+        num_cpus=PLAN_CPUS,
+    )
+    # One unit per block: each range of a container is a load task of its own, in parallel.
+    ds = ds.repartition(target_num_rows_per_block=1)
+    ds = ds.map_batches(
+        load_units,
+        fn_kwargs={"size": spec.input_size, "images_root": config.images, "labels": labels},
         batch_size=None,
         batch_format="pyarrow",
     )
@@ -312,6 +342,26 @@ def run_pipeline(
     return sink.totals
 
 
+def write_overlays(config: InferConfig, videos: list[str], classes: ClassTable) -> int:
+    """One Ray task per video writes its overlay video (segray/overlay.py); a video whose
+    overlay cannot be written is a warning line, never the job's end. Returns how many failed."""
+    import ray
+
+    from segray.overlay import write_overlay
+
+    task = ray.remote(num_cpus=1, max_retries=1)(write_overlay)
+    pending = {task.remote(v, config.output, config.images, classes): v for v in videos}
+    failed = 0
+    for ref, uri in pending.items():
+        try:
+            frames = ray.get(ref)
+            print(f"infer: overlay of {uri}: {frames} frames", flush=True)
+        except Exception as e:  # noqa: BLE001 - the frames are predicted; only their overlay is missing
+            failed += 1
+            print(f"infer: WARNING: no overlay video for {uri}: {describe(e)}", flush=True)
+    return failed
+
+
 def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> InferSummary:
     """Run the infer stage on the connected Ray cluster (module doc: outputs and reruns)."""
     start = time.perf_counter()
@@ -345,8 +395,8 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
     done = rerun
     skipped = listing.skipped + sum(len(i.done) for i in listing.inputs)
     print(
-        f"infer: {config.images}: {listing.images} image files, {listing.archives} archives, {listing.others} other "
-        f"files to process; {skipped} inputs already in {config.output}"
+        f"infer: {config.images}: {listing.images} image files, {listing.archives} archives, {listing.videos} videos, "
+        f"{listing.others} other files to process; {skipped} inputs already in {config.output}"
         + (f" ({retried} earlier read errors tried again)" if retried else "")
         + (f"; {len(listing.labels)} labels in {config.labels}" if config.labels else ""),
         flush=True,
@@ -357,6 +407,8 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
     run = Totals(num_classes)
     if listing.inputs:
         run = run_pipeline(config, listing, spec, loader)
+    if config.write_video:
+        write_overlays(config, [i.uri for i in listing.inputs if i.kind == sources.KIND_VIDEO], spec.class_table)
     # A first run's totals are the sums its write tasks returned; after a rerun the earlier
     # rows count too, so every part file is summed again (two small columns only).
     total = aggregate_predictions(config.output, num_classes) if done else run

@@ -8,7 +8,8 @@ read it through here, never through the stage. Output layout (``<output>/``), th
     differs in any of them is refused, so rows of two models or collections are never mixed.
 
 ``predictions/part-<hash>.parquet``, one row per predicted frame:
-    uri                 string         the input's URI (archive members: ``<archive>/<member>``)
+    uri                 string         the input's URI (archive members: ``<archive>/<member>``,
+                                       video frames: ``<video>#frame=<k>``)
     height, width       int32          the frame's own size
     mask_png            binary         PNG (mode L) of class indices 0..C-1 at height x width
     class_pixel_counts  list<int64>    C pixel counts of the predicted mask
@@ -17,12 +18,18 @@ read it through here, never through the stage. Output layout (``<output>/``), th
                                        out; null without a label
     pixel_accuracy      double         trace / total of ``confusion``; null without a label or
                                        when every label pixel is void
+    frame_index         int64          video frames: k, 0-based in the decoder's (presentation)
+                                       order; null for images and archive members
+    timestamp_s         double         video frames: presentation time in seconds; null else
   The label columns are always present (null without --labels), so that every file of the
   folder has one schema, whatever run wrote it.
 
 ``errors/part-<hash>.parquet``, one row per input that could not be used:
     uri, stage, message  string        stage: list (not an image, or a name segray refuses),
                                        read, archive, decode, label, postprocess, write (its mask)
+  A video that cannot be read at all is one row of its own URI; a video whose decoding stopped
+  early is one row ``<video>#frame=<k>``, k the first frame not decoded (past the last frame
+  when the file ends before its container says).
 
 Only ``part-*.parquet`` files directly in those folders are parts (parquet_files); a killed
 write's temporary file is not.
@@ -31,8 +38,13 @@ write's temporary file is not.
 
 ``masks/<path below --images>.png``: colour PNGs, with ``--write-masks``; the source extension
 stays in the name (``a/X.jpg`` -> ``masks/a/X.jpg.png``), so two inputs never share a mask.
+Video frames: ``masks/<video path>/<k>.png``.
 
-rows(predictions) + rows(errors) = number of inputs (sources.py says what an input is).
+``overlays/<video path>.mp4``: with ``--write-video``, each video's sampled frames with their
+colour masks blended in (H.264, playable anywhere), written after every frame is predicted.
+
+rows(predictions) + rows(errors) = number of inputs (sources.py says what an input is; a video's
+inputs are its decoded frames, plus one for a video that failed).
 Problems of the *input* become error rows: every exception raised while reading, decoding,
 pairing, postprocessing or writing one input is that input's row, never the job's end.
 Problems of the *system* (the store is unreachable after its retries, a replica dies) fail the
@@ -68,6 +80,7 @@ PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
 METRICS_FILE = "metrics.parquet"
 MASKS_DIR = "masks"
+OVERLAYS_DIR = "overlays"
 # What made the output (model, --images, --labels): written before the first row, checked by
 # every rerun so that rows of two models or two collections are never mixed.
 RUN_FILE = "infer.json"
@@ -83,6 +96,8 @@ COL_COUNTS = "class_pixel_counts"
 COL_LABEL_URI = "label_uri"
 COL_CONFUSION = "confusion"
 COL_ACCURACY = "pixel_accuracy"
+COL_FRAME_INDEX = "frame_index"
+COL_TIMESTAMP = "timestamp_s"
 COL_STAGE = "stage"
 COL_MESSAGE = "message"
 
@@ -107,6 +122,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         (COL_LABEL_URI, pa.string()),
         (COL_CONFUSION, pa.list_(pa.int64())),
         (COL_ACCURACY, pa.float64()),
+        (COL_FRAME_INDEX, pa.int64()),
+        (COL_TIMESTAMP, pa.float64()),
     ]
 )
 ERRORS_SCHEMA = pa.schema([(COL_URI, pa.string()), (COL_STAGE, pa.string()), (COL_MESSAGE, pa.string())])

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from segray import modelio, sources, storage
+from segray import modelio, sources, storage, video
 from segray.classes import CAMVID, ClassTable
 from segray.errors import SegrayError, describe
 from segray.frames import COL_IMAGE, COL_LABEL_KIND, COL_PRED, RESULTS_SCHEMA, error_row
@@ -26,11 +26,13 @@ from segray.predictions import (
     COL_ACCURACY,
     COL_CONFUSION,
     COL_COUNTS,
+    COL_FRAME_INDEX,
     COL_HEIGHT,
     COL_LABEL_URI,
     COL_MASK,
     COL_MESSAGE,
     COL_STAGE,
+    COL_TIMESTAMP,
     COL_URI,
     COL_WIDTH,
     MASKS_DIR,
@@ -185,12 +187,17 @@ def _lies_below(uri: str, root: str) -> bool:
 
 
 def mask_uri(output: str, images_root: str, uri: str) -> str:
-    """``<images>/a/b/X.jpg`` -> ``<output>/masks/a/b/X.jpg.png`` (archive members below ``A.tar/``).
+    """``<images>/a/b/X.jpg`` -> ``<output>/masks/a/b/X.jpg.png`` (archive members below ``A.tar/``,
+    frame k of a video ``a/clip.mp4`` at ``a/clip.mp4/<k>.png``).
 
     The source extension stays in the name, so ``X.jpg`` and ``X.png`` never share a mask.
     Raises ValueError for a path that would not lie below ``<output>/masks/`` (the listing
     already refuses such names; this is the last check before a write)."""
-    rel = sources.mask_rel(sources.input_rel(images_root, uri))
+    frame = video.split_frame_uri(uri)
+    if frame is not None:
+        rel = video.frame_mask_rel(sources.input_rel(images_root, frame[0]), frame[1])
+    else:
+        rel = sources.mask_rel(sources.input_rel(images_root, uri))
     masks = storage.join(output, MASKS_DIR)
     target = storage.join(masks, *rel.split("/"))
     if not _lies_below(target, masks):
@@ -230,6 +237,8 @@ def _result_row(item: dict, model_size: tuple[int, int], classes: ClassTable, co
         COL_LABEL_URI: item[COL_LABEL_URI],
         COL_CONFUSION: result.confusion,
         COL_ACCURACY: result.pixel_accuracy,
+        COL_FRAME_INDEX: item[COL_FRAME_INDEX],
+        COL_TIMESTAMP: item[COL_TIMESTAMP],
     }
 
 

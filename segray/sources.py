@@ -7,6 +7,9 @@ An *input* is one frame. Below ``--images`` (any nesting) there are three kinds 
   ``<archive uri>/<member path>``. Only the archive's *name* is listed on the driver; its
   members are read, streaming, in the Ray tasks that decode them (:func:`iter_archive`), so a
   100 GB archive costs the driver nothing;
+- a video file (``.mp4``, ``.m4v``, ``.mov``, ``.mkv``, ``.webm``, ``.avi``): one input per
+  decoded frame, its URI is ``<video uri>#frame=<k>`` (segray/video.py); only the name is
+  listed here, the video is indexed and decoded in Ray tasks;
 - anything else (``.txt``, ``.DS_Store``, a ``.bmp``): one input too, that can only become an
   error row (stage ``list``). Nothing below ``--images`` is dropped without a trace, and
   ``rows(predictions) + rows(errors)`` counts every object (archives by their members).
@@ -32,6 +35,8 @@ Pairing with labels (``--labels`` prefix, label files are PNGs):
   exist, the index label wins;
 - an image file pairs by its path relative to ``--images`` without extension:
   ``<images>/a/b/X.jpg`` <-> ``<labels>/a/b/X.png`` (or ``X_L.png``);
+- frame k of a video pairs with ``<labels>/<video path without extension>/<k>.png`` (k as an
+  integer, zero padding allowed: ``a/clip.mp4`` frame 7 <-> ``a/clip/7.png`` or ``a/clip/0007.png``);
 - a tar member pairs first as if the archive were a folder of its own name:
   ``<images>/seq/01.tar`` member ``f/X.jpg`` <-> ``<labels>/seq/01/f/X.png``, and if there
   is no such label, by its path inside the archive alone: ``<labels>/f/X.png`` (shards of
@@ -59,6 +64,7 @@ from segray.archives import (  # noqa: F401 - re-exported: the listing's users r
     iter_archive,
 )
 from segray.layout import IMAGE_EXTENSIONS, is_image
+from segray.video import FRAME_MARK, VIDEO_EXTENSIONS, is_video, video_folder
 from segray.names import (  # noqa: F401 - re-exported
     MASK_SUFFIX,
     clean_member_name,
@@ -76,6 +82,8 @@ COLOR_LABEL_SUFFIX = "_L"  # original CamVid: NAME_L.png is the colour-coded lab
 # What an input row is; see `Input`.
 KIND_IMAGE = "image"
 KIND_ARCHIVE = "archive"
+KIND_VIDEO = "video"
+CONTAINER_KINDS = (KIND_ARCHIVE, KIND_VIDEO)  # inputs that hold many frames, each its own task
 KIND_OTHER = "other"
 
 # How a label file encodes its classes.
@@ -101,7 +109,9 @@ class Input:
     ``kind`` is KIND_IMAGE (``label`` paired on the driver), KIND_ARCHIVE (members paired in the
     task that expands it; ``done`` are member URIs already in the output, skipped; ``taken``
     are URIs of listed objects below ``<archive uri>/`` that its members must not reuse: pass
-    both to :func:`iter_archive`) or KIND_OTHER (becomes an error row, stage ``list``, with
+    both to :func:`iter_archive`), KIND_VIDEO (frames paired in the tasks that decode it;
+    ``done``: its frame URIs already in the output, and its own URI when it is an error row
+    there) or KIND_OTHER (becomes an error row, stage ``list``, with
     message ``error``).
     """
 
@@ -122,6 +132,7 @@ class Listing:
     skipped: int  # image files and odd files already in the output (rerun)
     labels: dict[str, Label] = field(default_factory=dict)  # key -> label, all of --labels
     label_files: int = 0  # files below --images taken as labels, not inputs
+    videos: int = 0  # video files to decode now
 
 
 def _strip_ext(rel: str) -> str:
@@ -164,6 +175,30 @@ def archive_folder(archive_rel: str) -> str:
     lower = archive_rel.lower()
     ext = max((e for e in reader.extensions if lower.endswith(e)), key=len)
     return archive_rel[: -len(ext)]
+
+
+def video_labels(video_rel: str, labels: dict[str, Label], keys: list[str] | None = None
+                 ) -> tuple[dict[int, Label], dict[int, str]]:
+    """The labels of the frames of the video at ``video_rel``: ``{k: Label}`` from the label keys
+    ``<folder>/<digits>`` (``a/clip.mp4`` -> ``a/clip/7``, ``a/clip/0007``), and ``{k: why}`` for
+    frames with two labels (``7.png`` and ``007.png``), which are left unpaired. ``keys``: the
+    label keys sorted, when the caller has them."""
+    folder = video_folder(video_rel) + "/"
+    keys = sorted(labels) if keys is None else keys
+    found: dict[int, Label] = {}
+    clash: dict[int, str] = {}
+    for key in keys[bisect.bisect_left(keys, folder):bisect.bisect_left(keys, folder[:-1] + "0")]:
+        digits = key[len(folder):]
+        if not (digits.isascii() and digits.isdigit()):
+            continue
+        k = int(digits)
+        if k in found:
+            clash[k] = f"two labels for frame {k}: {found[k].uri} and {labels[key].uri}; remove one"
+        else:
+            found[k] = labels[key]
+    for k in clash:
+        found.pop(k, None)
+    return found, clash
 
 
 def label_for_member(archive_rel: str, member: str, labels: dict[str, Label]) -> Label | None:
@@ -261,8 +296,8 @@ def list_inputs(
     if not entries:
         if prune:
             raise SourceError(f"{images}: no files found outside {' and '.join(prune)} (--output/--labels inside "
-                              "--images); expected image files (PNG/JPEG) or .tar archives of frames")
-        raise SourceError(f"{images}: no files found; expected image files (PNG/JPEG) or .tar archives of frames")
+                              "--images); expected image files (PNG/JPEG), .tar archives of frames or video files")
+        raise SourceError(f"{images}: no files found; expected image files (PNG/JPEG), .tar archives of frames or video files")
 
     good = [e for e in entries if not e.error and e.rel and not name_problem(e.rel)]
     colour_labels: set[str] = set()
@@ -272,7 +307,8 @@ def list_inputs(
             if e.rel in colour_labels:
                 label_index[label_key(e.rel)[0]] = Label(e.uri, LABEL_COLOR)
         label_files = len(colour_labels)
-    archive_rels = {e.rel for e in good if is_archive(e.rel) and e.rel not in colour_labels}
+    # Containers: their frames' URIs and masks are named below their own name.
+    archive_rels = {e.rel for e in good if (is_archive(e.rel) or is_video(e.rel)) and e.rel not in colour_labels}
 
     # 1. Every entry -> (uri, kind, error); the same decisions whatever `done` holds, so that a
     #    rerun names every input as the first run did.
@@ -288,10 +324,12 @@ def list_inputs(
         if problem:
             kind, error = KIND_OTHER, f"{uri}: {problem}; rename the object" if not e.error else f"{uri}: {problem}"
         elif above is not None:
-            kind, error = KIND_OTHER, (f"{uri}: lies below the name of the archive {member_uri(images, above)}, whose "
-                                       "members are named like it; rename the object or the archive")
+            kind, error = KIND_OTHER, (f"{uri}: lies below the name of the archive or video {member_uri(images, above)}, "
+                                       "whose frames are named like it; rename the object or the container")
         elif is_archive(rel or uri):
             kind = KIND_ARCHIVE
+        elif is_video(rel or uri):
+            kind = KIND_VIDEO
         elif is_image(rel or uri):
             kind = KIND_IMAGE
         else:
@@ -310,7 +348,7 @@ def list_inputs(
     for _, kind, _, rel in decided:
         if kind == KIND_IMAGE and rel:
             mask_dirs.update(parents(rel))
-        elif kind == KIND_ARCHIVE and rel:
+        elif kind in CONTAINER_KINDS and rel:
             mask_dirs.update(parents(rel) + [rel])
     for k, (uri, kind, _, rel) in enumerate(decided):
         if kind == KIND_IMAGE and rel and mask_rel(rel) in mask_dirs:
@@ -320,15 +358,16 @@ def list_inputs(
     # 3. Rows, without what is done already.
     done_sorted = sorted(done)
     inputs: list[Input] = []
-    counts = {KIND_IMAGE: 0, KIND_ARCHIVE: 0, KIND_OTHER: 0}
+    counts = {KIND_IMAGE: 0, KIND_ARCHIVE: 0, KIND_VIDEO: 0, KIND_OTHER: 0}
     skipped = 0
     for uri, kind, error, rel in decided:
-        if kind == KIND_ARCHIVE:
-            # The archive is expanded in a task; it carries the member URIs done before so that
-            # the task skips them. Its own URI in `done` is an error row of a broken archive.
-            lo = bisect.bisect_left(done_sorted, uri + "/")
-            hi = bisect.bisect_left(done_sorted, uri + "0")  # '0' is the character after '/'
-            inputs.append(Input(uri, KIND_ARCHIVE, done=tuple(done_sorted[lo:hi]) + ((uri,) if uri in done else ()),
+        if kind in CONTAINER_KINDS:
+            # The container is expanded in tasks; it carries the URIs of its frames done before
+            # so that the tasks skip them. Its own URI in `done` is the error row of a broken one.
+            prefix = uri + "/" if kind == KIND_ARCHIVE else uri + FRAME_MARK
+            lo = bisect.bisect_left(done_sorted, prefix)
+            hi = bisect.bisect_left(done_sorted, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+            inputs.append(Input(uri, kind, done=tuple(done_sorted[lo:hi]) + ((uri,) if uri in done else ()),
                                 taken=tuple(taken_below.get(rel, ()))))
         elif uri in done:
             skipped += 1
@@ -346,6 +385,7 @@ def list_inputs(
         images=counts[KIND_IMAGE],
         archives=counts[KIND_ARCHIVE],
         others=counts[KIND_OTHER],
+        videos=counts[KIND_VIDEO],
         skipped=skipped,
         labels=label_index,
         label_files=label_files,
@@ -354,5 +394,5 @@ def list_inputs(
 
 def not_an_image_message(uri: str) -> str:
     ext = posixpath.splitext(uri)[1] or "no extension"
-    known = ", ".join(IMAGE_EXTENSIONS + ARCHIVE_EXTENSIONS)
-    return f"{uri}: not an image or archive ({ext}); inputs are {known}"
+    known = ", ".join(IMAGE_EXTENSIONS + ARCHIVE_EXTENSIONS + VIDEO_EXTENSIONS)
+    return f"{uri}: not an image, archive or video ({ext}); inputs are {known}"

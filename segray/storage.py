@@ -212,6 +212,30 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
+def write_file(uri: str, local_path: str) -> None:
+    """Upload the local file ``local_path`` as the object ``uri``, 8 MiB at a time (never the whole
+    file in memory). A local destination is written to a temporary name beside it and renamed,
+    as in :func:`write_bytes`; on S3 the object appears when the upload completes."""
+    chunk = 8 * 2**20
+    fs, path = resolve(uri)
+    with open(local_path, "rb") as src:
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    while data := src.read(chunk):
+                        f.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.lexists(tmp):
+                    os.remove(tmp)
+            return
+        with fs.open_output_stream(path) as f:
+            while data := src.read(chunk):
+                f.write(data)
+
+
 def list_files(uri: str) -> list[str]:
     """All files below ``uri`` (any depth), as URIs, sorted. Empty if the prefix does not exist.
 
