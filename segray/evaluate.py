@@ -14,7 +14,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from segray import sources, storage
+from segray import sources, storage, video
 from segray.classes import CAMVID, ClassTable
 from segray.errors import SegrayError
 from segray.layout import label_color_table
@@ -139,8 +139,12 @@ def _read_label(row: dict, classes: ClassTable, colors: tuple) -> np.ndarray | N
 
 
 def _read_example(row: dict, classes: ClassTable, colors: tuple) -> Example | None:
+    frame = video.split_frame_uri(row[COL_URI])
     try:
-        image = decode_image(storage.read_bytes(row[COL_URI]), row[COL_URI])
+        if frame is not None:
+            image = video.read_frame(*frame)
+        else:
+            image = decode_image(storage.read_bytes(row[COL_URI]), row[COL_URI])
     except Exception:  # noqa: BLE001 - archive members and vanished files are left out of the pictures
         return None
     pred = np.asarray(Image.open(io.BytesIO(row[COL_MASK])))

@@ -343,13 +343,13 @@ def _frames(container, stream, seek: int | None, owned_last: int | None, errors:
 def decode_range(
     uri: str,
     rng: VideoRange,
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     keep: Collection[int] | None = None,
     time_base: Fraction | None = None,
     ending: str = "",
 ) -> Iterator[DecodedFrame]:
     """Yield the frames of ``rng`` whose index is in ``keep`` (all when None), in order, resized
-    to ``size`` ``(h, w)`` with the same filter as image files.
+    to ``size`` ``(h, w)`` with the same filter as image files (None: at their own size).
 
     Raises VideoDamage (after the frames decoded before it) naming the first frame of the range
     that never came out of the decoder, or, for the last range of a file that ends before its
@@ -379,7 +379,8 @@ def decode_range(
                             rgb = frame.to_ndarray(format="rgb24")
                             ts = (float(frame.pts * time_base) if time_base is not None and frame.pts is not None
                                   else frame.time)
-                            yield DecodedFrame(k, ts, resize_image(rgb, size), rgb.shape[0], rgb.shape[1])
+                            image = resize_image(rgb, size) if size else rgb
+                            yield DecodedFrame(k, ts, image, rgb.shape[0], rgb.shape[1])
                 break
             except _Missed:
                 continue  # raised before any frame: decode from the start instead
@@ -403,3 +404,16 @@ def median_interval(index: VideoIndex) -> float:
     if index.frames < 2:
         return 0.0
     return statistics.median(index.seconds(b - a) for a, b in zip(index.pts, index.pts[1:]))
+
+
+def read_frame(uri: str, index: int) -> np.ndarray:
+    """Frame ``index`` of the video at ``uri``, ``(H, W, 3) uint8`` at its own size (for a few
+    frames, e.g. a report's pictures: the video is indexed on every call). Raises VideoError,
+    VideoDamage or IndexError."""
+    vi = index_video(uri)
+    if not 0 <= index < vi.frames:
+        raise IndexError(f"{uri}: no frame {index} (it has {vi.frames})")
+    rng = next(r for r in plan_ranges(vi, 1) if r.start <= index < r.start + r.count)
+    for frame in decode_range(uri, rng, None, {index}, vi.time_base):
+        return frame.image
+    raise VideoDamage(uri, index, "the decoder gave no frame for it")

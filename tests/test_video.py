@@ -250,3 +250,12 @@ def test_bisect_ownership_holds_for_pts_between_cuts():
     owners = [next(r for r in ranges if bisect.bisect_left(r.pts, p) < len(r.pts) and p in r.pts).start
               for p in index.pts]
     assert owners == [0] * 5 + [5] * 7 + [12] * 8 + [20] * 10
+
+
+def test_read_frame_gives_any_single_frame_as_a_straight_decode_does(tmp_path):
+    uri = write(tmp_path, "clip.mp4", h264_bframes(FRAMES, gop=6))
+    reference = decode_all(uri)
+    for k in (0, 5, 6, 17, 29):
+        assert np.array_equal(video.read_frame(uri, k), reference[k][1]), k
+    with pytest.raises(IndexError, match="no frame 30"):
+        video.read_frame(uri, 30)

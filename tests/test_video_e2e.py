@@ -117,6 +117,11 @@ def test_videos_and_a_big_archive_cut_into_ranges_give_every_frame_once_as_one_r
         assert sum(1 for _ in c.decode(c.streams.video[0])) == N_CLIP
     assert not storage.exists(f"{many}/overlays/fake.mp4.mp4")
 
+    # The report pictures video frames too (decoded from the video by their index).
+    run_job("evaluate", "--predictions", one, "--dest", f"{root}/report", "--examples", "60", check=True)
+    page = storage.read_bytes(f"{root}/report/index.html").decode()
+    assert "clip.mp4#frame=17" in page and "lossless.mkv#frame=3" in page and "3.png" in page
+
 
 def test_every_selects_video_frames_and_a_rerun_completes_lost_parts_exactly(collection, run_job):
     root, images, labels = collection
@@ -141,3 +146,34 @@ def test_every_selects_video_frames_and_a_rerun_completes_lost_parts_exactly(col
     refused = run_job("infer", *args[:-4], "--every", "2")
     assert refused.returncode == 1
     assert "was made with --every 3, this run has --every 2" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_killed_run_over_a_long_video_and_a_big_archive_is_completed_exactly_by_the_same_command(
+        s3_server, run_job, ray_cluster, tmp_path):
+    import time
+
+    from test_reliability_kill import Job
+
+    root = f"s3://{BUCKET}/video-kill-{uuid.uuid4().hex[:8]}"
+    train_tiny_model(f"{root}/model/model")
+    frames = [p[0] for p in scenes(400, H, W, seed=2)]
+    storage.write_bytes(f"{root}/images/long.mp4", h264_bframes(frames, gop=12))
+    storage.write_bytes(f"{root}/images/big.tar", tar_bytes({f"{k:03d}.png": encode(f) for k, f in enumerate(frames[:200])}))
+    out = f"{root}/out"
+    args = ("--model", f"{root}/model", "--images", f"{root}/images", "--output", out, "--frames-per-task", "25",
+            "--batch-size", "4", "--rows-per-file", "10")
+    job = Job(ray_cluster, "infer", *args, log_path=tmp_path / "infer.log")
+    parts = lambda: [f for f in storage.list_files(f"{out}/predictions") if f.endswith(".parquet")]  # noqa: E731
+    job.wait_for(lambda: len(parts()) >= 3, timeout=600, what="three prediction part files")
+    job.kill()
+    time.sleep(3)
+    assert not storage.exists(f"{out}/metrics.parquet"), "the first run finished: nothing was interrupted"
+    written = read(f"{out}/predictions").num_rows
+    assert 0 < written < 600
+    run_job("infer", *args, check=True)
+    uris = read(f"{out}/predictions").column("uri").to_pylist()
+    assert len(uris) == len(set(uris)), "a frame was written twice"
+    expected = {video.frame_uri(f"{root}/images/long.mp4", k) for k in range(400)}
+    expected |= {f"{root}/images/big.tar/{k:03d}.png" for k in range(200)}
+    assert set(uris) == expected, "a frame is missing"
