@@ -114,7 +114,7 @@ def test_a_truncated_video_keeps_the_frames_before_the_damage_and_names_where_it
     assert len(stopped) == 1 and indices == list(range(stopped[0]))
 
 
-@pytest.mark.parametrize("name, data, match", [
+NOT_VIDEOS = [
     ("text.mp4", b"not a video at all", "not a readable mp4 file"),
     ("empty.mkv", b"", "not a readable matroska file"),
     ("moov-at-end-cut.mp4", h264_bframes(FRAMES)[:3000], "cut short loses its index"),
@@ -122,7 +122,13 @@ def test_a_truncated_video_keeps_the_frames_before_the_damage_and_names_where_it
     # the extension, and an MP4 demuxer does not read playlists.
     ("playlist.mp4", b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n",
      "not a readable mp4 file"),
-])
+    # The demuxer is the extension's, never probed from the bytes: a Matroska file named .mp4 is
+    # refused as not being an MP4 (probing would also open playlists and concat lists).
+    ("matroska.mp4", lossless_mkv(FRAMES[:3]), "not a readable mp4 file"),
+]
+
+
+@pytest.mark.parametrize("name, data, match", NOT_VIDEOS, ids=[n for n, _, _ in NOT_VIDEOS])
 def test_what_is_not_a_video_is_a_video_error_naming_the_file(tmp_path, name, data, match):
     uri = write(tmp_path, name, data)
     with pytest.raises(video.VideoError, match=match) as e:
@@ -241,6 +247,17 @@ def test_a_rerun_plans_only_the_frames_not_done_and_does_not_repeat_a_damage_row
     rows[0]["done"] = sorted(done)
     units, third = _rows(pa.Table.from_pylist(rows, schema=LISTING_SCHEMA), root, None, 4)
     assert (units, third) == (0, []), "a complete video plans no range"
+
+    # A range decoded again (one of its frames was lost) stops at the same damage: no second row.
+    data = encode(FRAMES, "mp4", options={"bf": "2", "g": "6"}, container_options={"movflags": "faststart"})
+    table, root, _ = _listing(tmp_path / "again", {"cut.mp4": data[: len(data) * 6 // 10]})
+    _, first = _rows(table, root, None, 4)
+    (damage,) = [r for r in first if r["stage"]]
+    last = max(r["frame_index"] for r in first if not r["stage"])
+    rows = table.to_pylist()
+    rows[0]["done"] = sorted({r["uri"] for r in first} - {video.frame_uri(f"{root}/cut.mp4", last)})
+    _, again = _rows(pa.Table.from_pylist(rows, schema=LISTING_SCHEMA), root, None, 4)
+    assert [r["frame_index"] for r in again] == [last], "only the lost frame, and the damage row is not repeated"
 
 
 def test_bisect_ownership_holds_for_pts_between_cuts():
