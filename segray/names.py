@@ -9,6 +9,7 @@ MAX_NAME_BYTES. Shared by the listing (segray/sources.py) and the archive reader
 
 from __future__ import annotations
 
+import os
 import posixpath
 
 from segray import storage
@@ -94,3 +95,11 @@ def unique(name: str, taken: set[str]) -> str:
     while f"{name} (duplicate {n})" in taken:
         n += 1
     return f"{name} (duplicate {n})"
+
+
+def lies_below(uri: str, root: str) -> bool:
+    """``uri`` is a plain path strictly below ``root``: no ``.``/``..``/empty segment anywhere.
+    The last check before an output is written at a path made from an input's name."""
+    body = uri.split("://", 1)[-1].replace(os.sep, "/")
+    top = root.split("://", 1)[-1].replace(os.sep, "/").rstrip("/")
+    return posixpath.normpath(body) == body and body.startswith(top + "/")

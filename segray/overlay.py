@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import posixpath
 import tempfile
 from fractions import Fraction
 
@@ -58,13 +57,6 @@ class OverlayError(SegrayError, RuntimeError):
     """The overlay video of an input video could not be written; the message names the video."""
 
 
-def _lies_below(uri: str, root: str) -> bool:
-    """``uri`` is a plain path strictly below ``root``: no ``.``/``..``/empty segment anywhere."""
-    body = uri.split("://", 1)[-1].replace(os.sep, "/")
-    top = root.split("://", 1)[-1].replace(os.sep, "/").rstrip("/")
-    return posixpath.normpath(body) == body and body.startswith(top + "/")
-
-
 def overlay_uri(output: str, images_root: str, video_uri: str) -> str:
     """``<images>/a/clip.mkv`` -> ``<output>/overlays/a/clip.mkv.mp4``. Raises ValueError for a
     video outside ``images_root`` or a path that would not lie below ``<output>/overlays/``."""
@@ -74,7 +66,7 @@ def overlay_uri(output: str, images_root: str, video_uri: str) -> str:
         raise ValueError(f"{video_uri}: no overlay path for {rel!r}: {problem}")
     overlays = storage.join(output, OVERLAYS_DIR)
     target = storage.join(overlays, *(rel + OVERLAY_SUFFIX).split("/"))
-    if not _lies_below(target, overlays):
+    if not names.lies_below(target, overlays):
         raise ValueError(f"{video_uri}: its overlay path {target} would leave {overlays}")
     return target
 

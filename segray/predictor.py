@@ -9,7 +9,6 @@ writes the colour mask when asked. Error rows pass through both untouched.
 from __future__ import annotations
 
 import os
-import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -179,13 +178,6 @@ def finish_frame(
     return FrameResult(mask, encode_png(mask), counts.astype(np.int64).tolist(), confusion, accuracy)
 
 
-def _lies_below(uri: str, root: str) -> bool:
-    """``uri`` is a plain path strictly below ``root``: no ``.``/``..``/empty segment anywhere."""
-    body = uri.split("://", 1)[-1].replace(os.sep, "/")
-    top = root.split("://", 1)[-1].replace(os.sep, "/").rstrip("/")
-    return posixpath.normpath(body) == body and body.startswith(top + "/")
-
-
 def mask_uri(output: str, images_root: str, uri: str) -> str:
     """``<images>/a/b/X.jpg`` -> ``<output>/masks/a/b/X.jpg.png`` (archive members below ``A.tar/``,
     frame k of a video ``a/clip.mp4`` at ``a/clip.mp4/<k>.png``).
@@ -200,7 +192,7 @@ def mask_uri(output: str, images_root: str, uri: str) -> str:
         rel = sources.mask_rel(sources.input_rel(images_root, uri))
     masks = storage.join(output, MASKS_DIR)
     target = storage.join(masks, *rel.split("/"))
-    if not _lies_below(target, masks):
+    if not sources.lies_below(target, masks):
         raise ValueError(f"{uri}: its mask path {target} would leave {masks}")
     return target
 

@@ -69,6 +69,7 @@ from segray.names import (  # noqa: F401 - re-exported
     MASK_SUFFIX,
     clean_member_name,
     input_rel,
+    lies_below,
     mask_rel,
     member_uri,
     name_problem,

@@ -313,4 +313,4 @@ def test_replicas_must_leave_a_whole_cpu_for_decoding(monkeypatch):
 def test_the_last_check_before_a_mask_write(uri, ok):
     """mask_uri's own check (behind sources.mask_rel's): the joined path lies plainly below masks/."""
     root = "s3://b/out/masks" if uri.startswith("s3://") else "/o/masks"
-    assert predict_stage._lies_below(uri, root) is ok
+    assert sources.lies_below(uri, root) is ok
