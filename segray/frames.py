@@ -156,7 +156,7 @@ def _tar_units(uri: str, done: frozenset[str], taken: tuple[str, ...], frames_pe
         for ref in archives.index_tar(uri, skip=done, taken=taken):
             refs.append([ref.path, ref.offset, ref.size, ref.error])
             if len(refs) >= frames_per_task:
-                yield _units(UNIT_TAR, uri=uri, refs=refs)
+                yield _units(UNIT_TAR, uri=uri, refs=refs, taken=list(taken))
                 refs = []
     except (FileNotFoundError, storage.StorageError) as e:
         failure = _read_error(uri, e)
@@ -166,7 +166,7 @@ def _tar_units(uri: str, done: frozenset[str], taken: tuple[str, ...], frames_pe
         failure = error_row(uri, STAGE_ARCHIVE, f"{uri}: broken archive ({describe(e)}); the members before the "
                             "damage were processed")
     if refs:
-        yield _units(UNIT_TAR, uri=uri, refs=refs)
+        yield _units(UNIT_TAR, uri=uri, refs=refs, taken=list(taken))
     if failure is not None and uri not in done:
         yield _units(UNIT_ROWS, rows=[failure])
 
@@ -307,22 +307,37 @@ def _archive_rows(archive_uri: str, members: Iterable[archives.Member], done: fr
                             "the members before the damage were processed")
 
 
-def _tar_range_rows(uri: str, refs: list[archives.MemberRef], size, labels, images_root: str) -> Iterator[dict]:
-    """Rows of one member range of a plain tar; never raises. When the bytes are not there (the
-    archive changed since it was indexed) the first member not read is one error row."""
-    done = 0
+def _tar_range_rows(uri: str, refs: list[archives.MemberRef], taken: list[str], size, labels,
+                    images_root: str) -> Iterator[dict]:
+    """Rows of one member range of a plain tar; never raises. When the range cannot be read by
+    its offsets (a sparse member, or the archive changed since it was indexed) the rest of it is
+    read from the archive's stream; a member that is not there either is one error row, named
+    with how many after it in the range were not read."""
+    read: list[str] = []
+
+    def tracked(members: Iterable[archives.Member]) -> Iterator[archives.Member]:
+        for member in members:
+            read.append(member.path)
+            yield member
+
     try:
-        for row in _member_rows(uri, archives.read_tar_members(uri, refs), size, labels, images_root):
-            done += 1
-            yield row
-    except Exception as e:  # noqa: BLE001 - the rest of the range is this one row
-        ref = refs[min(done, len(refs) - 1)]
-        first = sources.member_uri(uri, ref.path) if ref.path else uri
-        rest = f"; it and the {len(refs) - done - 1} members after it in this range were not read"
-        if isinstance(e, (FileNotFoundError, storage.StorageError)):
-            yield error_row(first, STAGE_READ, f"{uri}: cannot be read ({describe(e)}){rest}")
-        else:
-            yield error_row(first, STAGE_ARCHIVE, f"{e}{rest}")
+        yield from _member_rows(uri, tracked(archives.read_tar_members(uri, refs)), size, labels, images_root)
+        return
+    except Exception:  # noqa: BLE001 - the stream below gives the rest, or the row saying why not
+        rest = {r.path for r in refs[len(read):]}
+    streamed = (m for m in archives.iter_archive(uri, taken=taken) if m.path in rest)
+    try:
+        yield from _member_rows(uri, tracked(streamed), size, labels, images_root)
+        failure = None
+    except Exception as e:  # noqa: BLE001
+        failure = e
+    missing = [r for r in refs if r.path in rest - set(read)]
+    if missing:
+        first = sources.member_uri(uri, missing[0].path) if missing[0].path else uri
+        why = describe(failure) if failure else "no longer in the archive"
+        stage = STAGE_READ if isinstance(failure, (FileNotFoundError, storage.StorageError)) else STAGE_ARCHIVE
+        yield error_row(first, stage, f"{uri}: {why}; {first} and the {len(missing) - 1} members after it in this "
+                        "range were not read")
 
 
 def _video_rows(unit: dict, size: tuple[int, int]) -> Iterator[dict]:
@@ -378,7 +393,8 @@ def _unit_rows(unit: dict, size, labels, images_root: str) -> Iterator[dict]:
         return iter(unit["rows"])
     uri = unit["uri"]
     if kind == UNIT_TAR:
-        return _tar_range_rows(uri, [archives.MemberRef(*r) for r in unit["refs"]], size, labels, images_root)
+        return _tar_range_rows(uri, [archives.MemberRef(*r) for r in unit["refs"]], unit["taken"], size, labels,
+                               images_root)
     done = frozenset(unit["done"])
     return _archive_rows(uri, archives.iter_archive(uri, skip=done, taken=unit["taken"]), done, size, labels,
                          images_root)

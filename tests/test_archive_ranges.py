@@ -281,3 +281,44 @@ def test_an_s3_archive_is_indexed_and_read_by_range_in_a_few_gets(s3_server, mon
         with pytest.raises(FileNotFoundError):
             list(call(uri + ".missing"))
         assert all(n <= 3 for n in requests), (requests, proxy.log)
+
+
+def _load_rows(uri: str, root: str, frames_per_task: int, change=None) -> list[tuple]:
+    """(uri, stage, height) rows of the archive through plan_units and load_units, one unit at a
+    time; ``change()`` runs between planning and loading (the archive replaced meanwhile)."""
+    import pyarrow as pa
+
+    from segray import frames
+
+    listing = pa.Table.from_pylist([{"uri": uri, "kind": "archive", "done": [], "taken": []}], schema=frames.LISTING_SCHEMA)
+    units = list(frames.plan_units(listing, frames_per_task, root))
+    if change:
+        change()
+    rows = [r for u in units for t in frames.load_units(u, (8, 8), root) for r in t.to_pylist()]
+    return sorted((r["uri"], r["stage"], r["height"]) for r in rows)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar makes the sparse members")
+def test_a_range_that_cannot_be_read_by_offsets_is_read_from_the_stream(tmp_path):
+    from PIL import Image
+
+    for k in range(6):
+        Image.new("RGB", (4 + k, 4)).save(tmp_path / f"{k}.png")
+    with open(tmp_path / "2.png", "r+b") as f:  # a PNG with a hole after its end: GNU tar stores it sparse
+        f.seek(1 << 20)
+        f.write(b"end")
+    subprocess.run(["tar", "-cSf", "a.tar", *[f"{k}.png" for k in range(6)]], cwd=tmp_path, check=True)
+    uri, root = str(tmp_path / "a.tar"), str(tmp_path)
+    whole = _load_rows(uri, root, 1000)
+    assert [r[1] for r in whole] == [None] * 6
+    assert next(iter_tar(uri)).path == "0.png" and any(i.issparse() for i in tarfile.open(uri).getmembers())
+    assert _load_rows(uri, root, 2) == whole, "the sparse member's range was read from the stream"
+
+    # The archive replaced between planning and loading: what is still there is read, the rest is
+    # one row per range naming the first member missing.
+    def shrink():
+        subprocess.run(["tar", "-cf", "a.tar", "0.png", "1.png", "3.png"], cwd=tmp_path, check=True)
+
+    changed = _load_rows(uri, root, 2, change=shrink)
+    assert [(r[0].rsplit("/", 1)[-1], r[1]) for r in changed] == [
+        ("0.png", None), ("1.png", None), ("2.png", "archive"), ("3.png", None), ("4.png", "archive")]
