@@ -213,7 +213,8 @@ def test_plan_and_load_give_the_same_rows_in_one_range_or_many_with_labels_and_e
     from test_infer_e2e import encode as encode_png
 
     files = {"drive/clip.mp4": h264_bframes(FRAMES, gop=5), "notes.txt": b"x", "fake.mp4": b"text"}
-    labels = {"drive/clip/0004.png": encode_png(scenes(1, *SIZE)[0][1]), "drive/clip/9.png": encode_png(scenes(1, *SIZE)[0][1])}
+    label = encode_png(scenes(1, *SIZE)[0][1])
+    labels = {"drive/clip/0004.png": label, "drive/clip/7.png": label, "drive/clip/9.png": label, "drive/clip/09.png": label}
     table, root, index = _listing(tmp_path, files, labels)
     one_units, one = _rows(table, root, index, 1000)
     many_units, many = _rows(table, root, index, 4)
@@ -222,8 +223,10 @@ def test_plan_and_load_give_the_same_rows_in_one_range_or_many_with_labels_and_e
     clip = f"{root}/drive/clip.mp4"
     frames = [r for r in one if r["uri"].startswith(clip)]
     assert [r["uri"] for r in frames] == sorted(video.frame_uri(clip, k) for k in range(30))
-    assert sorted(r["frame_index"] for r in frames) == list(range(30))
-    assert {r["frame_index"] for r in frames if r["label_uri"]} == {4, 9}
+    assert sorted(r["frame_index"] for r in frames if not r["stage"]) == [k for k in range(30) if k != 9]
+    assert {r["frame_index"] for r in frames if r["label_uri"]} == {4, 7}
+    (clash,) = [r for r in frames if r["stage"]]  # two labels for frame 9: neither is used
+    assert clash["uri"] == video.frame_uri(clip, 9) and clash["stage"] == "label" and "two labels for frame 9" in clash["message"]
     others = {r["uri"].rsplit("/", 1)[-1]: r["stage"] for r in one if not r["uri"].startswith(clip)}
     assert others == {"notes.txt": "list", "fake.mp4": "decode"}
     _, every = _rows(table, root, index, 4, every=4)
