@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, total_cm, t0 = [], np.zeros((num_classes, num_classes), np.int64), time.perf_counter()
     for batch in batches(encoded(listing), args.batch_size):
-        frames = [frames.load_frame(data, uri, spec.input_size) for uri, data, _ in batch]
-        x = np.stack([f[0] for f in frames])
+        loaded = [frames.load_frame(data, uri, spec.input_size) for uri, data, _ in batch]
+        x = np.stack([f[0] for f in loaded])
         with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=gpu):
             x = modelio.images_to_tensor(x, spec.mean, spec.std, device, channels_last=channels_last)
             preds = model(x).argmax(1).to(torch.uint8).cpu().numpy()
-        for (uri, _, item_label), (_, height, width), pred in zip(batch, frames, preds):
+        for (uri, _, item_label), (_, height, width), pred in zip(batch, loaded, preds):
             label = predictor.load_label(item_label.uri, item_label.kind, table) if item_label else None
             r = predictor.finish_frame(pred, (height, width), num_classes, spec.void_index, label)
             if r.confusion is not None:
