@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import statistics
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -397,13 +396,6 @@ def decode_range(
         raise VideoDamage(uri, missing, f"{why}; {tail}" if tail else why)
     if tail:
         raise VideoDamage(uri, end, tail)
-
-
-def median_interval(index: VideoIndex) -> float:
-    """Seconds between consecutive frames (the median), 0 for a single frame."""
-    if index.frames < 2:
-        return 0.0
-    return statistics.median(index.seconds(b - a) for a, b in zip(index.pts, index.pts[1:]))
 
 
 def read_frame(uri: str, index: int) -> np.ndarray:
