@@ -64,7 +64,7 @@ from segray.archives import (  # noqa: F401 - re-exported: the listing's users r
     iter_archive,
 )
 from segray.layout import IMAGE_EXTENSIONS, is_image
-from segray.video import FRAME_MARK, VIDEO_EXTENSIONS, is_video, video_folder
+from segray.video import FRAME_MARK, VIDEO_EXTENSIONS, is_video, split_frame_uri, video_folder
 from segray.names import (  # noqa: F401 - re-exported
     MASK_SUFFIX,
     clean_member_name,
@@ -335,6 +335,13 @@ def list_inputs(
             kind = KIND_IMAGE
         else:
             kind, error = KIND_OTHER, not_an_image_message(uri)
+        frame = split_frame_uri(uri)
+        if frame is not None and rel and input_rel(images, frame[0]) in archive_rels:
+            # Named like frame k of a listed video (a file "clip.mp4#frame=3" beside clip.mp4):
+            # its row must not take that frame's URI.
+            kind, error = KIND_OTHER, (f"{uri}: named like frame {frame[1]} of the video {frame[0]}, whose frames "
+                                       "are named so; rename the object")
+            uri = unique(uri, seen | {uri})
         if uri in seen:
             renamed = unique(uri, seen)
             kind, error, uri = KIND_OTHER, f"{uri}: another object has the same name (as shown); rename one", renamed

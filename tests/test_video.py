@@ -279,3 +279,17 @@ def test_read_frame_gives_any_single_frame_as_a_straight_decode_does(tmp_path):
         assert np.array_equal(video.read_frame(uri, k), reference[k][1]), k
     with pytest.raises(IndexError, match="no frame 30"):
         video.read_frame(uri, 30)
+
+
+def test_a_file_named_like_a_frame_of_a_video_beside_it_never_takes_that_frames_uri(tmp_path):
+    files = {"clip.mp4": h264_bframes(FRAMES[:8], gop=4), "clip.mp4#frame=3": b"x", "clip.mp4#frame=3 (duplicate 2)": b"y",
+             "other.mp4#frame=1": b"z"}
+    table, root, _ = _listing(tmp_path, files)
+    _, rows = _rows(table, root, None, 3)
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)), "two rows share a URI"
+    clip = f"{root}/clip.mp4"
+    assert sorted(r["frame_index"] for r in rows if r["uri"].startswith(clip + "#frame=") and not r["stage"]) == list(range(8))
+    odd = [r["message"] for r in rows if r["stage"]]
+    assert len(odd) == 3 and sum(f"named like frame 3 of the video {clip}," in m for m in odd) == 1
+    assert video.frame_uri(clip, 3) in uris and f"{root}/other.mp4#frame=1" in uris  # not beside a listed video
