@@ -4,38 +4,15 @@
     python jobs/evaluate.py --predictions OUT --run RUN --dest s3://b/reports/run1
 """
 
-from __future__ import annotations
-
-import argparse
+# The command lives in segray/commands/evaluate.py (also `segray evaluate` and `python -m segray evaluate`);
+# this file stays so that `ray job submit --working-dir . -- python jobs/evaluate.py ...` runs it
+# from a checkout without installing segray.
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segray.jobs import run_job  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Write an HTML report (per-class IoU, mIoU, pixel accuracy, confusion matrix, training "
-        "curves, best and worst frames with their masks overlaid, small objects by size) from the output "
-        "of jobs/infer.py run with --labels.",
-    )
-    parser.add_argument("--predictions", required=True, help="the --output of jobs/infer.py (with --labels)")
-    parser.add_argument("--dest", required=True, help="where to write index.html and its PNGs")
-    parser.add_argument("--run", default=None, help="the training run (<storage>/<name>), for its curves")
-    parser.add_argument("--title", default="segray evaluation", help="page title")
-    parser.add_argument("--examples", type=int, default=6, help="frames to show (half best, half worst)")
-    args = parser.parse_args(argv)
-
-    from segray.evaluate import build_report
-
-    def body() -> None:
-        page = build_report(args.predictions, args.dest, run=args.run, title=args.title, examples=args.examples)
-        print(f"evaluate: report written to {page}", flush=True)
-
-    return run_job("evaluate", body, connect=False)
-
+from segray.commands.evaluate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,43 +8,15 @@ dataset.json lists are deleted after the new one is complete). The job never del
 it did not write.
 """
 
-from __future__ import annotations
-
-import argparse
+# The command lives in segray/commands/prepare.py (also `segray prepare` and `python -m segray prepare`);
+# this file stays so that `ray job submit --working-dir . -- python jobs/prepare.py ...` runs it
+# from a checkout without installing segray.
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segray.jobs import run_job  # noqa: E402
-from segray.preprocess import parse_size  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Read CamVid (SegNet or original layout) from a URI, resize it (labels with NEAREST) "
-        "and write Parquet shards per split plus dataset.json.",
-        epilog="URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment. "
-        "--dest must lie outside --source and be empty, new, or an earlier segray dataset, which a rerun "
-        "replaces; files segray did not write are never deleted.",
-    )
-    parser.add_argument("--source", required=True, help="CamVid source prefix (s3://... or a local path)")
-    parser.add_argument("--dest", required=True,
-                        help="where to write the prepared dataset: outside --source; empty, new, or an earlier "
-                        "segray dataset (replaced)")
-    parser.add_argument("--size", type=parse_size, default=None, metavar="HxW",
-                        help="output size, e.g. 176x240 (default: the first image's size)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="leave out unreadable or inconsistent pairs (listed in dataset.json) instead of failing; "
-                        "still fails if no pair, or no pair of a split, is left")
-    args = parser.parse_args(argv)
-
-    from segray.prepare import PrepareConfig, check_paths, prepare
-
-    config = PrepareConfig(source=args.source, dest=args.dest, size=args.size, skip_bad=args.skip_bad)
-    # A --dest that prepare must not write into is refused before connecting to Ray.
-    return run_job("prepare", lambda: prepare(config), preflight=lambda: check_paths(config))
-
+from segray.commands.prepare import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,23 @@ from segray.errors import one_line
 from segray.runtime import init_ray
 
 
+def add_version(parser) -> None:
+    """``--version`` on a job's parser: segray's version, and the Ray and torch it runs with."""
+    import importlib.metadata as md
+
+    import segray
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    parser.add_argument("--version", action="version",
+                        version=f"segray {segray.__version__} (ray {version('ray')}, torch {version('torch')}, "
+                        f"av {version('av')}, python {sys.version.split()[0]})")
+
+
 def defaults(config_class: type) -> dict[str, Any]:
     """Every field default of a stage's config dataclass: the one source of its flags' defaults."""
     out: dict[str, Any] = {}

@@ -512,12 +512,7 @@ def test_shard_cache_fits_by_bytes_and_env(monkeypatch):
     assert not train.shard_cache_fits(100, 10, 2, 176, 240, 55 * 176 * 240 * 4 - 1)
     assert not train.shard_cache_fits(1, 1, 1, 1, 1, 0)
     # The environment is read once, at the edge: jobs/train.py turns it into the config's field.
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("jobs_train", Path(__file__).parents[1] / "jobs" / "train.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    from segray.commands import train as job  # what jobs/train.py runs
     argv = ["--data", "d", "--storage", "s", "--name", "n"]
     assert job.config_from_args(job.build_parser().parse_args(argv)).shard_cache_bytes == train.CACHE_SHARD_MAX_BYTES
     monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", "0")

@@ -1,0 +1,64 @@
+"""One command: ``segray <stage>``, ``python -m segray <stage>`` and ``python jobs/<stage>.py`` are
+the same parser (segray/commands/), each with ``--help`` and ``--version``."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import REPO
+
+import segray
+from segray import cli
+
+STAGES = ["prepare", "train", "infer", "evaluate", "demo"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse's --help and --version
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_help_and_version_and_the_parser_of_its_jobs_file(capsys, stage):
+    code, out, _ = run_cli(capsys, stage, "--help")
+    assert code == 0 and out.startswith(f"usage: segray {stage} ")
+    code, version, _ = run_cli(capsys, stage, "--version")
+    assert code == 0 and version.startswith(f"segray {segray.__version__} (ray ")
+    spec = importlib.util.spec_from_file_location(f"jobs_{stage}", REPO / "jobs" / f"{stage}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    command = importlib.import_module(f"segray.commands.{stage}")
+    assert job.main is command.main, "jobs/<stage>.py runs the command of segray/commands/"
+
+
+def test_the_top_level_lists_the_stages_and_refuses_an_unknown_one(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and all(f"  {s} " in out for s in STAGES)
+    assert run_cli(capsys)[0] == 2
+    code, _, err = run_cli(capsys, "segment")
+    assert code == 2 and "unknown stage 'segment'" in err
+    code, out, _ = run_cli(capsys, "--version")
+    assert (code, out.strip()) == (0, f"segray {segray.__version__}")
+
+
+def test_python_dash_m_and_the_console_script_run_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "segray", "infer", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "--frames-per-task" in proc.stdout
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert meta["scripts"] == {"segray": "segray.cli:main"} and meta["version"] == segray.__version__
+    script = shutil.which("segray")
+    if script is None:
+        pytest.skip("the segray console script is not installed here (pip install -e . puts it on PATH)")
+    proc = subprocess.run([script, "evaluate", "--help"], capture_output=True, text=True)
+    if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr:
+        pytest.skip(f"{script} belongs to another checkout")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: segray evaluate ")
