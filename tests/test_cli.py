@@ -62,3 +62,45 @@ def test_python_dash_m_and_the_console_script_run_the_same_command():
     if proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr:
         pytest.skip(f"{script} belongs to another checkout")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: segray evaluate ")
+
+
+def _train_config(*argv: str):
+    from segray.commands import train as command
+
+    return command.config_from_args(command.parse_args(list(argv)), environ={})
+
+
+def test_the_shipped_recipes_make_the_documented_configs_and_flags_override_them():
+    base = ("--data", "d", "--storage", "s", "--name", "n")
+    cpu = _train_config("--recipe", str(REPO / "recipes" / "cpu-camvid.yaml"), *base)
+    flags = _train_config(*base, "--base-channels", "16", "--num-workers", "2", "--batch-size", "4", "--lr", "3e-3",
+                          "--lr-schedule", "onecycle", "--weight-decay", "1e-4", "--crop", "128x192",
+                          "--scale-range", "0.8,1.25", "--epochs", "50")
+    assert cpu == flags, "the YAML recipe is the command of docs/quality.md"
+    assert _train_config("--recipe", str(REPO / "recipes" / "cpu-camvid.yaml"), *base, "--epochs", "3").epochs == 3
+    gpu = _train_config("--recipe", str(REPO / "recipes" / "gpu-camvid.toml"), *base)
+    assert (gpu.use_gpu, gpu.num_workers, gpu.base_channels, gpu.augmentation.crop, gpu.max_failures) == (
+        True, 4, 64, (352, 352), 3)
+
+
+def test_a_recipe_can_hold_any_flag_and_a_bad_one_is_one_line_naming_the_file(tmp_path, capsys):
+    from segray.train import TrainError
+
+    good = tmp_path / "r.toml"
+    good.write_text('data = "d"\nstorage = "s"\nname = "n"\naugment = false\narch = "fcn"\n[arch-arg]\ndepth = 3\n')
+    config = _train_config("--recipe", str(good))
+    assert (config.data, config.augmentation.enabled, config.arch, config.arch_args) == ("d", False, "fcn", {"depth": 3})
+    for text, match in [("batch-sise: 4\n", "'batch-sise' is not a flag of jobs/train.py"),
+                        ("lr-schedule: sometimes\n", "lr-schedule: 'sometimes' is not one of"),
+                        ("crop: 12by8\n", "crop: '12by8' is not a valid value"),
+                        ("- a list\n", "expected a mapping")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(TrainError, match=match):
+            _train_config("--recipe", str(bad), "--data", "d", "--storage", "s", "--name", "n")
+    code, _, err = run_cli(capsys, "train", "--recipe", str(tmp_path / "missing.yaml"))
+    assert code == 1 and err.strip().splitlines() == [f"train: error: TrainError: --recipe {tmp_path}/missing.yaml: "
+                                                      f"cannot be read (StorageError: {tmp_path}/missing.yaml: not found)"]
+    (tmp_path / "r.json").write_text("{}")
+    with pytest.raises(TrainError, match="a .yaml, .yml or .toml file"):
+        _train_config("--recipe", str(tmp_path / "r.json"))

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "AWS_* environment; SEGRAY_SHARD_CACHE_BYTES (default %d) caps the shard a worker keeps in memory "
         "(0: stream every epoch)." % D["shard_cache_bytes"],
     )
+    parser.add_argument("--recipe", default=None, metavar="FILE",
+                        help="a recipe file (.yaml, .yml or .toml; local or s3://): flag names as keys (batch-size "
+                        "or batch_size), e.g. recipes/cpu-camvid.yaml; flags on the command line override it")
     parser.add_argument("--data", required=True, help="prepared dataset (the --dest of jobs/prepare.py)")
     parser.add_argument("--storage", required=True, help="where run folders live (s3://... or a local path)")
     parser.add_argument("--name", required=True,
@@ -115,11 +118,84 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def recipe_defaults(parser: argparse.ArgumentParser, uri: str) -> dict:
+    """The flag values of the recipe file at ``uri``, as the parser's dests, each converted by its
+    flag's type (``crop: 128x192``, ``scale-range: [0.8, 1.25]``, ``arch-arg: {depth: 3}``,
+    ``augment: false``). Raises TrainError naming the file and the key that is not a flag."""
+    from segray import storage
+
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+        if uri.lower().endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif uri.lower().endswith(".toml"):
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            raise TrainError(f"--recipe {uri}: a recipe is a .yaml, .yml or .toml file")
+    except TrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 - not found, not UTF-8, a syntax error: one line naming the file
+        raise TrainError(f"--recipe {uri}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"--recipe {uri}: expected a mapping of flag names to values, got {type(data).__name__}")
+    # A key is a flag's name (dashes or underscores) or its dest; "augment: false" is --no-augment.
+    by_name = {}
+    for a in parser._actions:
+        if a.dest not in ("help", "version", "recipe"):
+            by_name.update({o.lstrip("-").replace("-", "_"): a for o in a.option_strings})
+            by_name.setdefault(a.dest, a)
+    by_name["augment"] = by_name["no_augment"]
+    values: dict = {}
+    for key, value in data.items():
+        action = by_name.get(str(key).replace("-", "_"))
+        if action is None:
+            known = ", ".join(sorted({a.option_strings[0].lstrip("-") for a in by_name.values()}))
+            raise TrainError(f"--recipe {uri}: {key!r} is not a flag of jobs/train.py; known: {known}")
+        dest = action.dest
+        try:
+            if dest == "enabled":
+                value = bool(value) if str(key).replace("-", "_") == "augment" else not value
+            elif dest == "arch_args":
+                value = [(k, v) for k, v in dict(value).items()]
+            elif dest == "scale_range" and isinstance(value, (list, tuple)):
+                value = (float(value[0]), float(value[1]))
+            elif action.type is not None and isinstance(value, str):
+                value = action.type(value)
+            elif action.type is not None and not isinstance(value, bool):
+                value = action.type(str(value)) if action.type in (parse_size, _scale_range) else action.type(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise TrainError(f"--recipe {uri}: {key}: {value!r} is not a valid value ({e})") from None
+        if action.choices is not None and value not in action.choices:
+            raise TrainError(f"--recipe {uri}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        values[dest] = value
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, over the values of ``--recipe FILE`` when one is given (flags win)."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=None)
+    recipe = pre.parse_known_args(argv)[0].recipe
+    if recipe:
+        values = recipe_defaults(parser, recipe)
+        parser.set_defaults(**values)
+        for action in parser._actions:
+            if action.dest in values:
+                action.required = False
+    return parser.parse_args(argv)
+
+
 def config_from_args(args: argparse.Namespace, environ=os.environ) -> TrainConfig:
     """The TrainConfig of parsed flags plus the environment: the one place either is read."""
     from segray.train import check_augmentation
 
     values = vars(args).copy()
+    values.pop("recipe", None)
     augmentation = check_augmentation(**{f.name: values.pop(f.name) for f in dataclasses.fields(A)})
     values["arch_args"] = dict(values["arch_args"])
     cache = environ.get("SEGRAY_SHARD_CACHE_BYTES")
@@ -132,12 +208,20 @@ def config_from_args(args: argparse.Namespace, environ=os.environ) -> TrainConfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except TrainError as e:
+        print(f"train: error: TrainError: {e}", file=sys.stderr, flush=True)
+        return 1
 
     def body() -> None:
         from segray.train import train
 
-        train(config_from_args(args))
+        config = config_from_args(args)
+        if args.recipe:  # printed once: what the file and the flags made together
+            settings = dataclasses.asdict(config)
+            print(f"train: recipe {args.recipe}; effective settings: {json.dumps(settings, default=str)}", flush=True)
+        train(config)
 
     # train() connects to Ray itself, after the checks that need no cluster.
     return run_job("train", body, connect=False)
