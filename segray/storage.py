@@ -14,6 +14,7 @@ Nothing here holds or logs a secret.
 from __future__ import annotations
 
 import functools
+import mimetypes
 import os
 import posixpath
 import re
@@ -208,8 +209,19 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
         return
-    with fs.open_output_stream(path) as f:
+    with fs.open_output_stream(path, metadata=content_metadata(path)) as f:
         f.write(data)
+
+
+def content_metadata(path: str) -> dict[str, str]:
+    """The object's ``Content-Type`` from its extension (``index.html`` -> ``text/html``, so that a
+    browser shows a report from S3 instead of downloading it); {} for unknown extensions."""
+    kind = _CONTENT_TYPES.get(posixpath.splitext(path)[1].lower()) or mimetypes.guess_type(path)[0]
+    return {"Content-Type": kind} if kind else {}
+
+
+_CONTENT_TYPES = {".parquet": "application/vnd.apache.parquet", ".json": "application/json", ".mp4": "video/mp4",
+                  ".png": "image/png", ".html": "text/html", ".svg": "image/svg+xml"}
 
 
 def write_file(uri: str, local_path: str) -> None:
@@ -231,7 +243,7 @@ def write_file(uri: str, local_path: str) -> None:
                 if os.path.lexists(tmp):
                     os.remove(tmp)
             return
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, metadata=content_metadata(path)) as f:
             while data := src.read(chunk):
                 f.write(data)
 

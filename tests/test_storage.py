@@ -59,6 +59,26 @@ def test_s3_roundtrip_against_moto_server(s3_prefix):
     assert storage.list_files(s3_prefix) == []
 
 
+def test_s3_objects_carry_the_content_type_of_their_extension(s3_prefix, tmp_path):
+    """A report's index.html on S3 opens in a browser instead of downloading (text/html)."""
+    import boto3
+
+    bucket, _, key = s3_prefix[len("s3://"):].partition("/")
+    local = tmp_path / "clip.mp4"
+    local.write_bytes(b"\0" * 10)
+    storage.write_bytes(f"{s3_prefix}/report/index.html", b"<html></html>")
+    storage.write_bytes(f"{s3_prefix}/report/a.png", b"png")
+    storage.write_bytes(f"{s3_prefix}/p/part-1.parquet", b"PAR1")
+    storage.write_bytes(f"{s3_prefix}/notes.unknownext", b"x")
+    storage.write_file(f"{s3_prefix}/overlays/clip.mp4", str(local))
+    s3 = boto3.client("s3")
+    types = {name: s3.head_object(Bucket=bucket, Key=f"{key}/{name}")["ContentType"]
+             for name in ("report/index.html", "report/a.png", "p/part-1.parquet", "overlays/clip.mp4", "notes.unknownext")}
+    assert types["report/index.html"] == "text/html" and types["report/a.png"] == "image/png"
+    assert types["p/part-1.parquet"] == "application/vnd.apache.parquet" and types["overlays/clip.mp4"] == "video/mp4"
+    assert types["notes.unknownext"] not in ("text/html", "image/png")
+
+
 def test_unwritable_destinations_name_the_uri(s3_server, tmp_path):
     with pytest.raises(storage.StorageError, match=r"s3://no-such-bucket-here/x: bucket 'no-such-bucket-here' does not exist"):
         storage.check_writable("s3://no-such-bucket-here/x")
