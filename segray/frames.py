@@ -188,20 +188,21 @@ def _video_units(uri: str, done: frozenset[str], frames_per_task: int, every: in
         return
     done_frames = {k for d in done if (s := video.split_frame_uri(d)) and s[0] == uri for k in [s[1]]}
     selected = video.select_frames(index, every, fps)
-    wanted = set(range(index.frames) if selected is None else selected) - done_frames
+    chosen = None if selected is None else set(selected)
     paired: dict[int, sources.Label] = {}
     clashes: dict[int, str] = {}
     if labels:
         paired, clashes = sources.video_labels(sources.input_rel(images_root, uri), labels, label_keys)
     for rng in video.plan_ranges(index, frames_per_task):
         end = rng.start + rng.count
-        keep = sorted(k for k in wanted if rng.start <= k < end)
+        # Each range looks at its own frames only: linear in the video's length, whatever the ranges.
+        keep = [k for k in range(rng.start, end) if (chosen is None or k in chosen) and k not in done_frames]
         tail = rng.last and bool(index.ending) and end not in done_frames
         if not keep and not tail:
             continue
         yield _units(
             UNIT_VIDEO, uri=uri, range=rng.to_dict(), keep=keep,
-            done=sorted(k for k in done_frames if rng.start <= k <= end),
+            done=[k for k in range(rng.start, end + 1) if k in done_frames],
             labels={str(k): [paired[k].uri, paired[k].kind] for k in keep if k in paired},
             clashes={str(k): clashes[k] for k in keep if k in clashes},
             time_base=[index.time_base.numerator, index.time_base.denominator], ending=index.ending,
