@@ -1,8 +1,4 @@
-"""Evaluate: the HTML report of a model on labelled frames, from an infer output.
-
-    python jobs/infer.py --model RUN --images s3://b/camvid/val --labels s3://b/camvid/valannot --output OUT
-    python jobs/evaluate.py --predictions OUT --run RUN --dest s3://b/reports/run1
-"""
+"""``python jobs/evaluate.py ...``: the evaluate command of segray/commands/evaluate.py (its usage and flags are there)."""
 
 # The command lives in segray/commands/evaluate.py (also `segray evaluate` and `python -m segray evaluate`);
 # this file stays so that `ray job submit --working-dir . -- python jobs/evaluate.py ...` runs it

@@ -1,8 +1,4 @@
-"""Infer stage: a trained model over a collection of frames -> masks, errors and metrics in Parquet.
-
-    python jobs/infer.py --model s3://bucket/runs/cv16 --images s3://bucket/frames \
-        --output s3://bucket/predictions/cv16 [--labels s3://bucket/labels] [--use-gpu]
-"""
+"""``python jobs/infer.py ...``: the infer command of segray/commands/infer.py (its usage and flags are there)."""
 
 # The command lives in segray/commands/infer.py (also `segray infer` and `python -m segray infer`);
 # this file stays so that `ray job submit --working-dir . -- python jobs/infer.py ...` runs it

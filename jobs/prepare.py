@@ -1,12 +1,4 @@
-"""Prepare stage: CamVid image/label pairs -> resized Parquet shards + dataset.json.
-
-    python jobs/prepare.py --source s3://bucket/camvid --dest s3://bucket/prepared --size 176x240
-
---dest must lie outside --source and be empty, new, or an earlier segray dataset (a rerun
-replaces it: the new dataset is written beside the old one, and only the files the old
-dataset.json lists are deleted after the new one is complete). The job never deletes files
-it did not write.
-"""
+"""``python jobs/prepare.py ...``: the prepare command of segray/commands/prepare.py (its usage and flags are there)."""
 
 # The command lives in segray/commands/prepare.py (also `segray prepare` and `python -m segray prepare`);
 # this file stays so that `ray job submit --working-dir . -- python jobs/prepare.py ...` runs it

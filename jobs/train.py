@@ -1,14 +1,4 @@
-"""Train stage: a segmentation network (--arch) on a prepared dataset with Ray Train (DDP),
-checkpoints in object storage.
-
-    python jobs/train.py --data s3://bucket/prepared --storage s3://bucket/runs --name unet --epochs 40
-
-Rerunning the same command (same --storage and --name) resumes after the latest checkpoint. A
-rerun that changes what the run is made from (--data or its content, --lr, --weight-decay,
---lr-schedule, --batch-size, --class-weighting, an augmentation setting, --seed, --arch and its
-arguments, --base-channels) is refused before any worker starts; a higher --epochs continues the
-LR schedule without a jump (segray/recipe.py's docstring).
-"""
+"""``python jobs/train.py ...``: the train command of segray/commands/train.py (its usage and flags are there)."""
 
 # The command lives in segray/commands/train.py (also `segray train` and `python -m segray train`);
 # this file stays so that `ray job submit --working-dir . -- python jobs/train.py ...` runs it

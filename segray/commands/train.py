@@ -163,10 +163,8 @@ def recipe_defaults(parser: argparse.ArgumentParser, uri: str) -> dict:
                 value = [(k, v) for k, v in dict(value).items()]
             elif dest == "scale_range" and isinstance(value, (list, tuple)):
                 value = (float(value[0]), float(value[1]))
-            elif action.type is not None and isinstance(value, str):
-                value = action.type(value)
-            elif action.type is not None and not isinstance(value, bool):
-                value = action.type(str(value)) if action.type in (parse_size, _scale_range) else action.type(value)
+            elif isinstance(value, str) and action.type is not None or action.type in (int, float):
+                value = action.type(value)  # "128x192" as on the command line; 4 or 3e-3 as numbers
         except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
             raise TrainError(f"--recipe {uri}: {key}: {value!r} is not a valid value ({e})") from None
         if action.choices is not None and value not in action.choices:
@@ -208,11 +206,10 @@ def config_from_args(args: argparse.Namespace, environ=os.environ) -> TrainConfi
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-    except TrainError as e:
-        print(f"train: error: TrainError: {e}", file=sys.stderr, flush=True)
-        return 1
+    args = argparse.Namespace()
+
+    def parse() -> None:  # a bad --recipe fails as any job does: one line
+        vars(args).update(vars(parse_args(argv)))
 
     def body() -> None:
         from segray.train import train
@@ -224,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         train(config)
 
     # train() connects to Ray itself, after the checks that need no cluster.
-    return run_job("train", body, connect=False)
+    return run_job("train", body, connect=False, preflight=parse)
 
 
 if __name__ == "__main__":
