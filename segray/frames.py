@@ -384,6 +384,17 @@ def _files_rows(items: list[dict], size, labels, images_root: str) -> Iterator[d
             yield error_row(uri, STAGE_LIST, sources.not_an_image_message(uri))
 
 
+def planned_rows(unit_json: str) -> int | None:
+    """How many rows a unit will give (one per frame or error; a damaged container may give
+    fewer); None for a compressed archive, whose members are known only once it is read."""
+    unit = json.loads(unit_json)
+    kind = unit["kind"]
+    if kind == UNIT_STREAM:
+        return None
+    return len(unit["items"] if kind == UNIT_FILES else unit["keep"] if kind == UNIT_VIDEO else
+               unit["refs"] if kind == UNIT_TAR else unit["rows"])
+
+
 def _unit_rows(unit: dict, size, labels, images_root: str) -> Iterator[dict]:
     kind = unit["kind"]
     if kind == UNIT_FILES:

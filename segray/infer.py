@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from segray import modelio, sources, storage
+from segray import console, modelio, sources, storage
 from segray.classes import ClassTable
 from segray.errors import SegrayError, describe
-from segray.frames import listing_tables, load_units, plan_units
+from segray.frames import COL_UNIT, listing_tables, load_units, plan_units, planned_rows
 from segray.metrics import iou_per_class, mean_iou, pixel_accuracy
 from segray.predictions import (
     ERRORS_DIR,
@@ -101,6 +101,31 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+# ----------------------------------------------------------------------------- progress
+
+
+def _plan_counted(batch: pa.Table, progress, **kwargs):
+    """plan_units, telling the job's progress display how many rows each unit will give."""
+    for units in plan_units(batch, **kwargs):
+        console.report(progress, total=sum(planned_rows(u) or 0 for u in units.column(COL_UNIT).to_pylist()))
+        yield units
+
+
+def _load_counted(batch: pa.Table, progress, **kwargs):
+    """load_units; a compressed archive's rows join the total as they are read."""
+    unknown = any(planned_rows(u) is None for u in batch.column(COL_UNIT).to_pylist())
+    for frames in load_units(batch, **kwargs):
+        if unknown:
+            console.report(progress, total=frames.num_rows)
+        yield frames
+
+
+def _postprocess_counted(batch: pa.Table, progress, **kwargs) -> pa.Table:
+    out = postprocess(batch, **kwargs)
+    console.report(progress, done=out.num_rows)
+    return out
+
+
 # ----------------------------------------------------------------------------- stage 4: write
 
 
@@ -128,7 +153,6 @@ def _datasink_class():
             if not tables:
                 return Totals(self.num_classes)
             totals = write_results(pa.concat_tables(tables), self.output, self.num_classes)
-            print(f"infer: wrote {totals.frames} predictions, {totals.errors} errors", flush=True)
             return totals
 
         def on_write_complete(self, write_result) -> None:
@@ -272,9 +296,11 @@ def _check_resources(config: InferConfig) -> None:
 
 
 def run_pipeline(
-    config: InferConfig, listing: sources.Listing, spec: modelio.ModelSpec, loader: ModelLoader = modelio.load_model
+    config: InferConfig, listing: sources.Listing, spec: modelio.ModelSpec, loader: ModelLoader = modelio.load_model,
+    progress=None,
 ) -> Totals:
-    """The streaming pass over the listed inputs; returns the totals of the rows it wrote."""
+    """The streaming pass over the listed inputs; returns the totals of the rows it wrote.
+    ``progress``: a console.Progress handle the tasks report planned and finished rows into."""
     import ray
 
     num_classes = spec.num_classes
@@ -286,9 +312,9 @@ def run_pipeline(
     labels = listing.labels if listing.archives or listing.videos else None
     ds = ray.data.from_arrow(listing_tables(listing))
     ds = ds.map_batches(
-        plan_units,
+        _plan_counted,
         fn_kwargs={"frames_per_task": config.frames_per_task, "images_root": config.images, "labels": labels,
-                   "every": config.every, "fps": config.fps},
+                   "every": config.every, "fps": config.fps, "progress": progress},
         batch_size=None,
         batch_format="pyarrow",
         # Indexing a container is mostly reading; a reservation unlike the load tasks' also keeps
@@ -298,8 +324,8 @@ def run_pipeline(
     # One unit per block: each range of a container is a load task of its own, in parallel.
     ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
-        load_units,
-        fn_kwargs={"size": spec.input_size, "images_root": config.images, "labels": labels},
+        _load_counted,
+        fn_kwargs={"size": spec.input_size, "images_root": config.images, "labels": labels, "progress": progress},
         batch_size=None,
         batch_format="pyarrow",
     )
@@ -322,8 +348,9 @@ def run_pipeline(
         num_cpus=1 if config.use_gpu else config.cpus_per_replica,
     )
     ds = ds.map_batches(
-        postprocess,
+        _postprocess_counted,
         fn_kwargs={
+            "progress": progress,
             "model_size": spec.input_size,
             "classes": spec.class_table,
             "color_table": label_color_table(config.labels),
@@ -394,9 +421,11 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
         listing = sources.list_inputs(config.images, config.labels, done_uris(config.output), output=config.output)
     done = rerun
     skipped = listing.skipped + sum(len(i.done) for i in listing.inputs)
+    found = [f"{n} {what}" for n, what in ((listing.images, "image files"), (listing.archives, "archives"),
+                                           (listing.videos, "videos"), (listing.others, "other files")) if n]
     print(
-        f"infer: {config.images}: {listing.images} image files, {listing.archives} archives, {listing.videos} videos, "
-        f"{listing.others} other files to process; {skipped} inputs already in {config.output}"
+        f"infer: {config.images}: {', '.join(found) or 'nothing new'} to process; {skipped} inputs already in "
+        f"{config.output}"
         + (f" ({retried} earlier read errors tried again)" if retried else "")
         + (f"; {len(listing.labels)} labels in {config.labels}" if config.labels else ""),
         flush=True,
@@ -406,7 +435,8 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
 
     run = Totals(num_classes)
     if listing.inputs:
-        run = run_pipeline(config, listing, spec, loader)
+        with console.Progress("infer", "frames", total=0, unit="frame") as shown:
+            run = run_pipeline(config, listing, spec, loader, shown.handle)
     if config.write_video:
         write_overlays(config, [i.uri for i in listing.inputs if i.kind == sources.KIND_VIDEO], spec.class_table)
     # A first run's totals are the sums its write tasks returned; after a rerun the earlier

@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from segray import storage
+from segray import console, storage
 from segray.errors import describe
 from segray.classes import CAMVID, ClassTable
 from segray.dataset import (
@@ -148,7 +148,9 @@ def _name_problem(source: str, pair) -> str:
     return ""
 
 
-def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None, classes: ClassTable = CAMVID) -> pa.Table:
+def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None, classes: ClassTable = CAMVID,
+                   progress=None) -> pa.Table:
+    """Read, check and resize one batch of pairs; ``progress``: a console.Progress handle."""
     lookup = color_lookup(colors) if colors else None
     h, w = size
     rows: dict[str, list] = {k: [] for k in (*SCHEMA.names, _COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED)}
@@ -182,6 +184,7 @@ def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None, cla
             (_COL_UNMAPPED, unmapped),
         ):
             rows[k].append(v)
+    console.report(progress, done=len(rows[COL_NAME]))
     schema = SCHEMA.append(pa.field(_COL_SPLIT, pa.string())).append(pa.field(_COL_ERROR, pa.string()))
     schema = schema.append(pa.field(_COL_COUNTS, pa.list_(pa.int64()))).append(pa.field(_COL_UNMAPPED, pa.int64()))
     return pa.Table.from_pydict(rows, schema=schema)
@@ -236,13 +239,14 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
               "problem": _name_problem(config.source, p)} for p in layout.pairs]
     colors = layout.label_colors if layout.kind == ORIGINAL else None
     num_blocks = max(1, min(len(items) // PAIRS_PER_BATCH, 512))
-    ds = ray.data.from_items(items, override_num_blocks=num_blocks).map_batches(
-        _process_batch,
-        fn_kwargs={"size": size, "colors": colors, "classes": layout.classes},
-        batch_size=PAIRS_PER_BATCH,
-        batch_format="numpy",
-    )
-    ds = ds.materialize()
+    with console.Progress("prepare", "pairs", total=len(items), unit="pair") as shown:
+        ds = ray.data.from_items(items, override_num_blocks=num_blocks).map_batches(
+            _process_batch,
+            fn_kwargs={"size": size, "colors": colors, "classes": layout.classes, "progress": shown.handle},
+            batch_size=PAIRS_PER_BATCH,
+            batch_format="numpy",
+        )
+        ds = ds.materialize()
 
     summary = ds.select_columns([_COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED]).to_pandas()
     bad = summary[summary[_COL_ERROR] != ""]

@@ -31,6 +31,7 @@ from segray import storage
 from segray.dataset import DATASET_FILE
 from segray.errors import SegrayError
 from segray.recipe import augmentation_names
+from segray.tensorboard import TENSORBOARD_DIR
 
 if TYPE_CHECKING:
     from segray.dataset import DatasetInfo
@@ -194,8 +195,10 @@ def write_run_file(run_uri: str, current: dict, previous_meta: dict | None) -> N
 def check_run_folder(run_uri: str) -> None:
     """The run folder is new, or an earlier segray run (``run.json``, or Ray Train's snapshot of a
     run from before run.json): export writes ``model/`` and ``metrics.json`` there, and nobody's
-    files of those names may be overwritten."""
-    files = [f for f in storage.list_files(run_uri) if ".segray-write-probe-" not in f]
+    files of those names may be overwritten. Event files in ``tensorboard/`` overwrite nothing (each
+    training attempt writes a new name, segray/tensorboard.py) and are not counted."""
+    files = [f for f in storage.list_files(run_uri) if ".segray-write-probe-" not in f
+             and storage.relative(run_uri, f).split("/", 1)[0] != TENSORBOARD_DIR]
     if not files:
         return
     tops = {storage.relative(run_uri, f).split("/", 1)[0] for f in files}

@@ -61,8 +61,11 @@ def worker_env(gpu: bool = False) -> dict[str, str]:
 
 def init_ray(address: str | None = None, quiet: bool = False, gpu: bool = False) -> None:
     """Connect to the cluster (RAY_ADDRESS, a running local one, or start one) once; ``gpu``: the
-    job's heavy workers are GPU workers (worker_env)."""
+    job's heavy workers are GPU workers (worker_env). Unless --verbose (console.verbose), Ray
+    logs from WARNING up and Ray Data draws no progress bars of its own (segray shows one per stage)."""
     import ray
+
+    from segray import console
 
     if ray.is_initialized():
         return
@@ -70,6 +73,9 @@ def init_ray(address: str | None = None, quiet: bool = False, gpu: bool = False)
     ray.init(
         address=address,
         runtime_env={"env_vars": env} if env else None,
-        logging_level=logging.WARNING if quiet else logging.INFO,
+        logging_level=logging.WARNING if quiet or not console.verbose() else logging.INFO,
         log_to_driver=True,
     )
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose()

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from segray import modelio, storage
+from segray import console, modelio, storage
 from segray.dataset import (
     COL_IMAGE,
     COL_LABEL,
@@ -66,6 +66,7 @@ from segray.worker import (
     TRAIN_SPLIT,
     VAL_SPLIT,
     WorkerPayload,
+    steps_per_epoch,
     train_loop_per_worker,
 )
 
@@ -345,7 +346,7 @@ def _data_config():
     return ShardConfig(datasets_to_split=[TRAIN_SPLIT, VAL_SPLIT])
 
 
-def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo):
+def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo, progress=None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -355,7 +356,7 @@ def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo):
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"payload": payload},
+        train_loop_config={"payload": payload, "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),
@@ -501,7 +502,10 @@ def train(config: TrainConfig) -> TrainResult:
             recipe=current,
             config=jsonable(config.to_dict()),
         )
-        result = _fit(config, payload, info)
+        steps = steps_per_epoch(payload.train_rows, config.num_workers, config.batch_size)
+        with console.Progress("train", f"epoch {done + 1}/{config.epochs}", total=config.epochs * steps, unit="step",
+                              initial=done * steps) as shown:
+            result = _fit(config, payload, info, shown.handle)
     out = export(config, info, result, start, done_before=done)
     print(format_summary(out), flush=True)
     return out

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from segray import modelio
+from segray import console, modelio
 from segray.dataset import rows_to_arrays
 from segray.metrics import confusion_matrix, summarize
 from segray.model import build_network
 from segray.recipe import Augmentation, augment_batch, fresh_schedule, make_scheduler, weighted_loss_sum
+from segray.tensorboard import Curves, run_folder
 
 TRAIN_SPLIT = "train"
 VAL_SPLIT = "val"
@@ -68,6 +69,18 @@ def _say(line: str) -> None:
     # Ray Train patches print() on its workers to tee into its logger, and the driver then shows
     # every line twice; a write to the process's real stdout is forwarded once.
     print(line, file=sys.__stdout__, flush=True)
+
+
+def steps_per_epoch(train_rows: int, world: int, batch_size: int) -> int:
+    """Steps of one epoch on each worker: train is split into equal shards (DataConfig in train.py)."""
+    return max(1, math.ceil((train_rows // world) / batch_size))
+
+
+def _counted(batches, progress, done_before: int, desc: str):
+    """``batches``, reporting each finished step to the job's progress display (console.py)."""
+    for k, batch in enumerate(batches):
+        yield batch
+        console.report_position(progress, done_before + k + 1, desc)
 
 
 def _seed_for(*parts: int) -> int:
@@ -185,7 +198,8 @@ def _load_checkpoint(checkpoint) -> dict:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker. ``loop_config = {"payload": WorkerPayload}``."""
+    """Runs on every Ray Train worker. ``loop_config = {"payload": WorkerPayload, "progress": handle}``
+    (the handle: console.py's progress display, reported to by rank 0)."""
     import ray.train
     import ray.train.torch
 
@@ -199,8 +213,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     torch.manual_seed(p.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_network(p.arch, p.model_args)
-    # Steps of one epoch on this worker: train is split into equal shards (DataConfig below).
-    steps_per_epoch = max(1, math.ceil((p.train_rows // world) / p.batch_size))
+    steps = steps_per_epoch(p.train_rows, world, p.batch_size)
+    progress = loop_config.get("progress") if rank == 0 else None
     knots = [list(k) for k in p.schedule_knots] or fresh_schedule(p.epochs)
 
     start_epoch, history = 0, []
@@ -223,12 +237,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
     # From the epoch and the knots, not from the checkpoint's step count (module docstring).
-    scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch, steps)
     weight = torch.tensor(p.class_weights, device=device) if p.class_weights else None
 
     train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
     cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    curves = Curves(run_folder(p.config), enabled=rank == 0, say=_say)  # <run>/tensorboard/
 
     def batches_of(split: str, shard, shuffle_seed: int | None):
         """One pass over this worker's ``split``: from memory when shards are cached (read in full
@@ -246,6 +261,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr_start = optimizer.param_groups[0]["lr"]
         generator = torch.Generator().manual_seed(_seed_for(p.seed, rank, epoch))
         batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(p.seed, rank, epoch, 1))
+        if progress is not None:
+            batches = _counted(batches, progress, (epoch - 1) * steps, f"epoch {epoch}/{p.epochs}")
         train_totals = _all_reduce(
             train_one_epoch(
                 model, optimizer, scheduler, batches, weight, generator, p.augmentation, device, p.void_index,
@@ -297,9 +314,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 _save_checkpoint(d, state, meta)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+            curves.log(metrics)  # after the report: the curves hold checkpointed epochs (segray/tensorboard.py)
         else:
             # Every rank reports (a barrier); only rank 0's metrics and checkpoint are kept.
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+    curves.close()
 
 
 def format_epoch(m: dict, epochs: int) -> str:

@@ -8,6 +8,7 @@ a .txt), tar archives paired by either rule, a broken archive; labels as index a
 from __future__ import annotations
 
 import io
+import re
 import uuid
 
 import numpy as np
@@ -203,6 +204,12 @@ def test_infer_predicts_every_frame_and_scores_it(collection, run_job):
     proc = run_job("infer", *args, check=True)
     assert "frames/s" in proc.stdout and "mIoU" in proc.stdout
     check_output(out, c)
+    # The console (segray/console.py): no Ray log line, and a progress line with the exact total:
+    # every input's row, a prediction or an error.
+    shown = proc.stdout + proc.stderr
+    assert not re.search(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) ", shown, re.M), shown
+    assert re.findall(r"^infer: frames: +100% (\d+)/(\d+) \[", proc.stdout, re.M)[-1] == (
+        str(len(c.predicted) + len(c.errors)),) * 2
     assert storage.exists(f"{out}/masks/street/a/f1.jpg.png")  # the JPEG's colour mask
     mask = Image.open(io.BytesIO(storage.read_bytes(f"{out}/masks/archives/seq1.tar/sub/f7.png.png")))
     assert mask.mode == "RGB" and mask.size == (MODEL_SIZE[1], MODEL_SIZE[0])
@@ -214,9 +221,10 @@ def test_infer_predicts_every_frame_and_scores_it(collection, run_job):
     storage.delete(parts[0])
     storage.delete(storage.list_files(f"{out}/errors")[0])
     storage.delete(f"{out}/metrics.parquet")
-    proc = run_job("infer", *args, check=True)
+    proc = run_job("infer", *args, "--verbose", check=True)
     check_output(out, c)
     assert read_folder(f"{out}/metrics.parquet").equals(before)
+    assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+\s+INFO .*Dataset", proc.stdout + proc.stderr, re.M)  # --verbose: Ray's lines
 
 
 def test_infer_fails_with_one_line_naming_the_model(collection, run_job, s3_prefix):
@@ -224,6 +232,13 @@ def test_infer_fails_with_one_line_naming_the_model(collection, run_job, s3_pref
     proc = run_job("infer", "--model", f"{s3_prefix}/nothing", "--images", c.images, "--output", f"{s3_prefix}/o")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"infer: error: ModelError: {s3_prefix}/nothing: no exported model")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    proc = run_job("infer", "--model", f"{s3_prefix}/nothing", "--images", c.images, "--output", f"{s3_prefix}/o",
+                   "--verbose")
+    assert proc.returncode == 1
+    line, traceback = proc.stderr.split("infer: error: ModelError: ", 1)[1].split("\n", 1)
+    assert line.startswith(f"{s3_prefix}/nothing: no exported model")
+    assert traceback.startswith("Traceback (most recent call last):") and "ModelError" in traceback.splitlines()[-1]
 
 
 def test_help():

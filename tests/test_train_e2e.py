@@ -7,6 +7,7 @@ bad inputs start no workers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -71,13 +72,34 @@ def epochs_trained(proc) -> list[int]:
     return [int(m) for m in re.findall(r"train: epoch (\d+)/\d+ ", proc.stdout + proc.stderr)]
 
 
-def test_train_resumes_exports_and_learns(prepared, run_job):
+def tensorboard_scalars(run: str, tmp_path) -> tuple[list[str], dict[str, list[tuple[int, float]]]]:
+    """(event file names, {tag: [(step, value)]}) of ``<run>/tensorboard/``, read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = tmp_path / f"tensorboard-{uuid.uuid4().hex[:6]}"
+    folder.mkdir()
+    names = []
+    for uri in storage.list_files(f"{run}/tensorboard"):
+        names.append(storage.relative(f"{run}/tensorboard", uri))
+        (folder / names[-1]).write_bytes(storage.read_bytes(uri))
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return names, {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     data, runs = f"{prepared}/prepared", f"{prepared}/runs"
     run = f"{runs}/unet"
     first = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "4", *ARGS, check=True)
     out = first.stdout + first.stderr
     assert epochs_trained(first) == [1, 2, 3, 4], out[-3000:]
     assert out.count("train: epoch 1/4 ") == 1, "progress lines are printed once, by rank 0"
+    # The console (segray/console.py): rank 0's lines without Ray's "(RayTrainWorker pid=...)"
+    # prefix, no Ray log line, and the step count against the exact total: 128 rows in 2 shards
+    # of 64, batches of 4: 16 steps an epoch.
+    assert re.search(r"^train: epoch 4/4 ", first.stdout, re.M) and "RayTrainWorker" not in out, out[-3000:]
+    assert not re.search(r"^\d{4}-\d\d-\d\d [\d:,]+\s+(INFO|WARNING) |Reporting training result", out, re.M), out
+    assert re.findall(r"^train: epoch \d/4: +100% (\d+)/(\d+) \[", first.stdout, re.M) == [("64", "64")], out[-3000:]
     summary = first.stdout.strip().splitlines()[-1]
     assert summary.startswith("train: done: best val mIoU") and f"model: {run}/model" in summary
 
@@ -129,11 +151,28 @@ def test_train_resumes_exports_and_learns(prepared, run_job):
     assert [h["epoch"] for h in m2["history"]] == [1, 2, 3, 4, 5]
     assert m2["history"][:4] == history  # carried over from the checkpoint, not retrained
     assert "(1 this run)" in second.stdout.strip().splitlines()[-1]
+    assert re.findall(r"^train: epoch 5/5: +100% (\d+)/(\d+) \[", second.stdout, re.M) == [("80", "80")]
+
+    # Training curves (segray/tensorboard.py): one event file per attempt in <run>/tensorboard/,
+    # merged by TensorBoard into the history of metrics.json; without the package, one line.
+    if importlib.util.find_spec("tensorboard") is None:
+        assert (first.stdout + first.stderr).count("tensorboard is not installed") == 1
+    else:
+        names, scalars = tensorboard_scalars(run, tmp_path)
+        assert len(names) == 2 and all(n.startswith("events.out.tfevents.") for n in names), names
+        for key in ("val_miou", "train_loss", "val_loss", "val_pixel_accuracy", "lr", "images_per_s"):
+            assert [s for s, _ in scalars[key]] == [1, 2, 3, 4, 5], (key, scalars[key])
+            assert [v for _, v in scalars[key]] == pytest.approx([h[key] for h in m2["history"]], rel=1e-5), key
+        present = {c for h in m2["history"] for c, v in h["val_iou"].items() if v is not None}  # all, or nearly
+        assert {t for t in scalars if t.startswith("val_iou/")} == {f"val_iou/{c}" for c in present}, scalars.keys()
+        road = [(h["epoch"], h["val_iou"]["Road"]) for h in m2["history"] if h["val_iou"]["Road"] is not None]
+        assert scalars["val_iou/Road"] == [(e, pytest.approx(v, rel=1e-5)) for e, v in road]
 
     # Nothing left to train: no workers, only the export again.
     third = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "5", *ARGS, check=True)
     assert "already has 5 epochs" in third.stdout and epochs_trained(third) == []
     assert json.loads(storage.read_bytes(f"{run}/metrics.json"))["history"] == m2["history"]
+    assert len(storage.list_files(f"{run}/tensorboard")) == (2 if importlib.util.find_spec("tensorboard") else 0)
 
     # Another width under the same name is refused: the checkpoint could not be loaded.
     other = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "6",

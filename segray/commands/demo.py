@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=d["seed"], help="random seed (default %(default)s)")
     add_version(parser)
     args = parser.parse_args(argv)
-    return run_job("demo", lambda: run_demo(args))
+    return run_job("demo", lambda: run_demo(args), verbose=args.verbose)
 
 
 def demo_name(args: argparse.Namespace, source: str | None, size: tuple[int, int]) -> str:

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         infer(config)
 
-    return run_job("infer", body, gpu=args.use_gpu)
+    return run_job("infer", body, gpu=args.use_gpu, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = PrepareConfig(source=args.source, dest=args.dest, size=args.size, skip_bad=args.skip_bad)
     # A --dest that prepare must not write into is refused before connecting to Ray.
-    return run_job("prepare", lambda: prepare(config), preflight=lambda: check_paths(config))
+    return run_job("prepare", lambda: prepare(config), preflight=lambda: check_paths(config), verbose=args.verbose)
 
 
 if __name__ == "__main__":

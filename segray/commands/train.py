@@ -145,7 +145,7 @@ def recipe_defaults(parser: argparse.ArgumentParser, uri: str) -> dict:
     # A key is a flag's name (dashes or underscores) or its dest; "augment: false" is --no-augment.
     by_name = {}
     for a in parser._actions:
-        if a.dest not in ("help", "version", "recipe"):
+        if a.dest not in ("help", "version", "verbose", "recipe"):
             by_name.update({o.lstrip("-").replace("-", "_"): a for o in a.option_strings})
             by_name.setdefault(a.dest, a)
     by_name["augment"] = by_name["no_augment"]
@@ -194,6 +194,7 @@ def config_from_args(args: argparse.Namespace, environ=os.environ) -> TrainConfi
 
     values = vars(args).copy()
     values.pop("recipe", None)
+    values.pop("verbose", None)
     augmentation = check_augmentation(**{f.name: values.pop(f.name) for f in dataclasses.fields(A)})
     values["arch_args"] = dict(values["arch_args"])
     cache = environ.get("SEGRAY_SHARD_CACHE_BYTES")
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         train(config)
 
     # train() connects to Ray itself, after the checks that need no cluster.
-    return run_job("train", body, connect=False, preflight=parse)
+    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)  # known before the parse, which runs in the job
+    return run_job("train", body, connect=False, preflight=parse, verbose=verbose)
 
 
 if __name__ == "__main__":
