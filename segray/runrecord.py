@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from segray.train import TrainConfig
 
 RUN_FILE = "run.json"  # the run's recipe, written before any worker starts
+CONFIG_FILE = "config.yaml"  # the latest command's effective settings, as a --recipe file
 RUN_FORMAT = "segray-train-run/1"
 
 
@@ -208,3 +209,36 @@ def check_run_folder(run_uri: str) -> None:
         f"{run_uri} holds {len(files)} files (e.g. {files[0]}) but no segray training run ({RUN_FILE}); "
         "training would write model/ and metrics.json there: choose another --name or --storage"
     )
+
+
+def recipe_file_values(config: dict) -> dict:
+    """A TrainConfig (``to_dict()``) as the mapping of a ``--recipe`` file: flag names, values as
+    the file takes them. Left out: None (the flag's default) and shard_cache_bytes (the environment's)."""
+    out: dict[str, Any] = {}
+    flat = dict(config)
+    augmentation = dict(flat.pop("augmentation", None) or {})
+    if augmentation:
+        flat = {**flat, "augment": bool(augmentation.pop("enabled", True)), **augmentation}
+    for key, value in flat.items():
+        if value is None or key == "shard_cache_bytes":
+            continue
+        if key == "crop":
+            value = f"{value[0]}x{value[1]}"
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[key.replace("_", "-")] = value
+    return out
+
+
+def write_config_file(run_uri: str, config: dict) -> str:
+    """``<run>/config.yaml``: the effective settings of the latest command on this run (recipe file
+    and flags together), which ``segray train --recipe <run>/config.yaml`` repeats. Returns its URI."""
+    import yaml
+
+    uri = storage.join(run_uri, CONFIG_FILE)
+    text = ("# segray train: the effective settings of the latest command on this run (its --recipe file and\n"
+            "# flags together). `segray train --recipe <this file>` repeats it; flags given with it win.\n")
+    storage.write_bytes(uri, (text + yaml.safe_dump(recipe_file_values(config), sort_keys=False)).encode())
+    return uri

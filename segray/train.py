@@ -58,7 +58,7 @@ from segray.recipe import (
     schedule_progress,
 )
 from segray.runrecord import check_run_folder, finite, jsonable, dataset_sha256, legacy_recipe, recipe
-from segray.runrecord import resume_refusal, write_run_file
+from segray.runrecord import resume_refusal, write_config_file, write_run_file
 from segray.worker import (
     CHECKPOINT_FILE,
     CHECKPOINT_META,
@@ -447,6 +447,7 @@ def train(config: TrainConfig) -> TrainResult:
     current = recipe(config, info, dataset_sha256(config.data))
     previous, meta = _previous(config, current)  # refuses a resume that would mix two runs
     write_run_file(config.run_uri, current, meta)
+    write_config_file(config.run_uri, config.to_dict())
     done = int(meta["epoch"]) if meta else 0
     if meta and meta.get("schedule"):
         knots = meta["schedule"]["knots"]
@@ -503,8 +504,7 @@ def train(config: TrainConfig) -> TrainResult:
             config=jsonable(config.to_dict()),
         )
         steps = steps_per_epoch(payload.train_rows, config.num_workers, config.batch_size)
-        with console.Progress("train", f"epoch {done + 1}/{config.epochs}", total=config.epochs * steps, unit="step",
-                              initial=done * steps) as shown:
+        with console.Progress("train", f"epoch {done + 1}/{config.epochs}", config.epochs * steps, "step", done * steps) as shown:
             result = _fit(config, payload, info, shown.handle)
     out = export(config, info, result, start, done_before=done)
     print(format_summary(out), flush=True)

@@ -3,6 +3,7 @@ the same parser (segray/commands/), each with ``--help`` and ``--version``."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import subprocess
 import sys
@@ -80,6 +81,23 @@ def test_the_shipped_recipes_make_the_documented_configs_and_flags_override_them
     gpu = _train_config("--recipe", str(REPO / "recipes" / "gpu-camvid.toml"), *base)
     assert (gpu.use_gpu, gpu.num_workers, gpu.base_channels, gpu.augmentation.crop, gpu.max_failures) == (
         True, 4, 64, (352, 352), 3)
+
+
+@pytest.mark.parametrize("recipe, flags", [
+    ("cpu-camvid.yaml", ("--epochs", "7", "--jitter", "0.1", "--arch-arg", "depth=3")),
+    ("gpu-camvid.toml", ("--threads", "3", "--class-weighting", "none", "--max-failures", "1")),
+    (None, ("--no-augment", "--arch", "fcn", "--keep-checkpoints", "1")),
+])
+def test_a_runs_saved_config_is_a_recipe_that_makes_the_same_config_and_flags_override_it(tmp_path, recipe, flags):
+    from segray.runrecord import write_config_file
+
+    config = _train_config(*(("--recipe", str(REPO / "recipes" / recipe)) if recipe else ()), "--data", "d",
+                           "--storage", str(tmp_path), "--name", "n", *flags)
+    saved = write_config_file(config.run_uri, config.to_dict())
+    assert saved == f"{tmp_path}/n/config.yaml"
+    assert _train_config("--recipe", saved) == config  # the file and the flags, together
+    again = _train_config("--recipe", saved, "--lr", "0.5", "--name", "other")
+    assert (again.lr, again.name) == (0.5, "other") and again == dataclasses.replace(config, lr=0.5, name="other")
 
 
 def test_a_recipe_can_hold_any_flag_and_a_bad_one_is_one_line_naming_the_file(tmp_path, capsys):

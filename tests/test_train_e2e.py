@@ -169,8 +169,12 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
         assert scalars["val_iou/Road"] == [(e, pytest.approx(v, rel=1e-5)) for e, v in road]
 
     # Nothing left to train: no workers, only the export again.
-    third = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "5", *ARGS, check=True)
+    # The run's config.yaml (the effective settings of the latest command) is a recipe that
+    # repeats that command: here, the same run, complete.
+    saved = storage.read_bytes(f"{run}/config.yaml")
+    third = run_job("train", "--recipe", f"{run}/config.yaml", check=True)
     assert "already has 5 epochs" in third.stdout and epochs_trained(third) == []
+    assert storage.read_bytes(f"{run}/config.yaml") == saved
     assert json.loads(storage.read_bytes(f"{run}/metrics.json"))["history"] == m2["history"]
     assert len(storage.list_files(f"{run}/tensorboard")) == (2 if importlib.util.find_spec("tensorboard") else 0)
 
