@@ -332,12 +332,9 @@ class Progress:
                 self._file.close()
         if bar is None and not failed:
             self._line()
-        if self.handle is not None:
-            import ray
-
-            with contextlib.suppress(Exception):
-                ray.kill(self.handle)
-            self.handle = None
+        # Not killed: a late report from a task would become an "unhandled error" line there. The
+        # actor ends with the last handle (this one, the tasks' and the dataset's).
+        self.handle = None
 
 
 def _counter():

@@ -23,9 +23,15 @@ def _demo_module():
 
 def test_demo_runs_end_to_end_and_reports_metrics_parquet(run_job, tmp_path):
     work = tmp_path / "demo"
-    proc = run_job("demo", "--workdir", str(work), *DEMO_ARGS)
+    proc = run_job("demo", "--workdir", str(work), *DEMO_ARGS, env={"SEGRAY_PROGRESS_INTERVAL": "3600"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "mIoU" in proc.stdout and "report (open in a browser)" in proc.stdout
+    # What a person reads (segray/console.py): segray's lines only, each stage's progress against
+    # its exact total (32 pairs; 1 worker x 24 rows / batch 8 = 3 steps x 2 epochs; 8 frames).
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 40 and all(re.match(r"(demo|prepare|train|infer|evaluate): |  ", x) for x in lines), lines
+    for progress in ("prepare: pairs: +100% 32/32 ", "train: epoch 2/2: +100% 6/6 ", "infer: frames: +100% 8/8 "):
+        assert sum(bool(re.match(progress, x)) for x in lines) == 1, (progress, lines)
     name = re.search(r"demo: run (demo-synthetic-[0-9a-f]{8}) ", proc.stdout).group(1)
     for rel in (f"prepared/{name}/dataset.json", f"runs/{name}/model/config.json", f"runs/{name}/metrics.json",
                 f"predictions/{name}/metrics.parquet", f"report/{name}/index.html", f"report/{name}/confusion.png"):

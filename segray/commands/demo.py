@@ -120,7 +120,7 @@ def run_demo(args: argparse.Namespace) -> None:
     print("demo: [4/4] report", flush=True)
     page = build_report(predictions, report, run=run, title="segray demo")
 
-    print(f"\ndemo: finished in {time.perf_counter() - start:.0f} s. Outputs:")
+    print(f"demo: finished in {time.perf_counter() - start:.0f} s. Outputs:")
     for what, uri in [
         ("source frames", source),
         ("prepared dataset", data),
