@@ -5,6 +5,9 @@ S3 settings of the standard AWS environment (endpoint, region; never credentials
 CREDENTIAL_ENV) are forwarded to them through the job's runtime environment. Inside
 `ray job submit`, variables the submitter already put in the job's runtime_env win and are
 not repeated (Ray refuses duplicate keys).
+
+Also where work runs: ``node_id`` (what the stages record beside their work) and the rule that
+refuses local paths on a cluster of several machines (``check_shared_storage``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+
+from segray.errors import SegrayError
+from segray.storage import is_s3
 
 FORWARDED_ENV: tuple[str, ...] = (
     "AWS_ENDPOINT_URL",
@@ -79,3 +85,53 @@ def init_ray(address: str | None = None, quiet: bool = False, gpu: bool = False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
+
+
+# ----------------------------------------------------------------------------- where work runs
+
+
+def node_id() -> str | None:
+    """The Ray node id (hex) of the calling process: a task's, an actor's or the driver's node;
+    None outside Ray. Stages record it next to the work they did (docs/design.md, "Nodes")."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
+class SharedStorageError(SegrayError, ValueError):
+    """A local path given to a job whose cluster spans several machines."""
+
+
+def local_path_problem(uris: dict[str, str | None], nodes: list[dict], driver_node: str | None,
+                       driver_ip: str | None = None) -> str | None:
+    """Why the ``uris`` (flag -> URI) cannot be used on a cluster of ``nodes`` (``ray.nodes()``
+    entries), or None. A local path names a file on one machine: only a cluster whose alive nodes
+    all have the address of the driver's node (``driver_node``'s, else ``driver_ip``) shares it,
+    e.g. several nodes started on one machine. Anything else needs object storage."""
+    local = [(flag, uri) for flag, uri in uris.items() if uri and not is_s3(uri)]
+    if not local:
+        return None
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    ips = {n.get("NodeManagerAddress") for n in alive}
+    here = next((n.get("NodeManagerAddress") for n in alive if n.get("NodeID") == driver_node), None) or driver_ip
+    if ips <= {here}:
+        return None
+    flag, uri = local[0]
+    others = f" (also for {', '.join(f for f, _ in local[1:])})" if len(local) > 1 else ""
+    return (f"{flag} {uri}: a local path is not shared between nodes (the cluster has {len(alive)} nodes on "
+            f"{len(ips | {here})} machines); use s3://bucket/prefix, which every node reads{others}")
+
+
+def check_shared_storage(uris: dict[str, str | None]) -> None:
+    """Refuse local paths (``uris``: flag -> URI) on a cluster whose nodes are not all on the driver's
+    machine (local_path_problem); called by each stage right after it connects to Ray. Checks the
+    nodes alive now: on an autoscaling cluster nodes that join later are not seen."""
+    import ray
+
+    if not ray.is_initialized() or all(not uri or is_s3(uri) for uri in uris.values()):
+        return
+    problem = local_path_problem(uris, ray.nodes(), node_id(), ray.util.get_node_ip_address())
+    if problem:
+        raise SharedStorageError(problem)

@@ -20,7 +20,9 @@ epoch done it only re-exports.
 What a run is made from (its *recipe*) and when a resume is refused: segray/runrecord.py. What
 may change on resume: ``--epochs`` (the LR schedule is stretched without a jump: segray/recipe.py),
 ``--num-workers``, ``--use-gpu``, ``--cpus-per-worker``, ``--threads``, ``--max-failures``,
-``--keep-checkpoints`` (resources and bookkeeping). A run killed before its first checkpoint has
+``--keep-checkpoints``, ``--checkpoint-every-steps`` (resources and bookkeeping; a mid-epoch
+checkpoint resumes at its step, or at the start of its epoch if ``--num-workers`` changed,
+segray/worker.py). A run killed before its first checkpoint has
 nothing to resume: the next command starts it afresh and rewrites ``run.json``. The worker's side
 (the epoch loop) is segray/worker.py; it gets a self-contained WorkerPayload from :func:`train`.
 """
@@ -37,8 +39,6 @@ from typing import Any
 
 from segray import console, modelio, storage
 from segray.dataset import (
-    COL_IMAGE,
-    COL_LABEL,
     DatasetError,
     DatasetInfo,
     load_info,
@@ -46,6 +46,7 @@ from segray.dataset import (
     split_uri,
 )
 from segray.errors import ConfigError, SegrayError
+from segray.ingest import data_config, training_datasets
 from segray.model import DEFAULT_ARCH, ModelConfigError, network_config
 from segray.recipe import (
     CLASS_WEIGHTINGS,
@@ -71,7 +72,6 @@ from segray.worker import (
 )
 
 METRICS_FILE = "metrics.json"
-BLOCK_BYTES = 32 * 1024 * 1024  # Ray Data block size of the training data in the object store
 # A worker whose train + val shards fit in this many bytes (decoded uint8) keeps them in memory
 # after the first epoch and shuffles them itself: every later epoch then skips Ray Data's split
 # (its start-up, object transfers and shuffle buffer; docs/benchmarks.md has the gain).
@@ -111,6 +111,7 @@ class TrainConfig:
     threads: int | None = None  # torch threads per CPU worker; None: cpus_per_worker
     keep_checkpoints: int = 2  # best by val mIoU (the latest is always kept too)
     shard_cache_bytes: int = CACHE_SHARD_MAX_BYTES  # workers keep shards up to this size in memory; 0: stream
+    checkpoint_every_steps: int | None = None  # a checkpoint every N steps within an epoch too
 
     def __post_init__(self) -> None:
         for flag, value in (("--data", self.data), ("--storage", self.storage)):
@@ -129,6 +130,8 @@ class TrainConfig:
             positive["--threads"] = self.threads
         if self.base_channels is not None:
             positive["--base-channels"] = self.base_channels
+        if self.checkpoint_every_steps is not None:
+            positive["--checkpoint-every-steps"] = self.checkpoint_every_steps
         for flag, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"{flag} must be a positive whole number, got {value!r}")
@@ -302,50 +305,6 @@ def _previous(config: TrainConfig, current: dict):
     return result, meta
 
 
-def _datasets(config: TrainConfig, info: DatasetInfo) -> dict:
-    """Both splits as Ray Datasets held in the object store, in blocks of at most ~32 MB.
-
-    Read once, by the driver, with pyarrow, not with ``ray.data.read_parquet``: a streaming read
-    needs CPUs for its read tasks every epoch, and where the workers hold every CPU (a CPU box)
-    they never get one and the run hangs; materialising such a read first was much slower than
-    the driver's read (docs/benchmarks.md, "Training"). Every epoch then streams from memory,
-    split across the workers by Ray Data, instead of from object storage. (A dataset larger than
-    the object store would need streaming reads and spare CPUs for them.)
-    """
-    import pyarrow.parquet as pq
-    import ray
-
-    out = {}
-    fs, _ = storage.resolve(config.data)
-    for split in (TRAIN_SPLIT, VAL_SPLIT):
-        # Exactly the files dataset.json lists: the folder may hold others (prepare's leftovers).
-        paths = [storage.resolve(u)[1] for u in split_files(config.data, info, split)]
-        table = pq.read_table(paths, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
-        # Several blocks per worker, so that the val split (not split equally) is shared out evenly.
-        blocks = max(4 * config.num_workers, math.ceil(table.nbytes / BLOCK_BYTES))
-        rows = max(1, math.ceil(table.num_rows / blocks))
-        out[split] = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)])
-    return out
-
-
-def _data_config():
-    """train: equal shards (DDP hangs when ranks take different numbers of steps); val: every
-    row exactly once (an equal split would drop rows and bias the metrics)."""
-    import ray.train
-
-    class ShardConfig(ray.train.DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            val = datasets.get(VAL_SPLIT)
-            rest = {k: v for k, v in datasets.items() if k != VAL_SPLIT}
-            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-            if val is not None:
-                for i, it in enumerate(val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)):
-                    out[i][VAL_SPLIT] = it
-            return out
-
-    return ShardConfig(datasets_to_split=[TRAIN_SPLIT, VAL_SPLIT])
-
-
 def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo, progress=None):
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -372,15 +331,15 @@ def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo, progres
             # workers' own progress lines (rank 0) and warnings remain.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=_datasets(config, info),
-        dataset_config=_data_config(),
+        datasets=training_datasets(config.data, info, config.num_workers),
+        dataset_config=data_config(),
     )
     return trainer.fit()
 
 
 def _best(result) -> tuple:
     """(checkpoint, metrics) with the highest val mIoU (the later epoch on ties)."""
-    scored = [(c, m) for c, m in result.best_checkpoints if m and m.get(SCORE) is not None]
+    scored = [(c, m) for c, m in result.best_checkpoints if m and m.get(SCORE) is not None and not m.get("step")]
     if not scored:
         raise TrainError(f"{result.path}: no checkpoint with {SCORE} to export")
     return max(scored, key=lambda cm: (finite(cm[1][SCORE], -1.0), cm[1].get("epoch", 0)))
@@ -434,7 +393,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     Every check that can fail fast runs before any worker starts: the dataset, the storage,
     the size of the cluster. Connects to Ray (runtime.init_ray) if not connected yet."""
-    from segray.runtime import init_ray
+    from segray.runtime import check_shared_storage, init_ray
 
     start = time.perf_counter()
     config = dataclasses.replace(config, data=storage.normalize(config.data), storage=storage.normalize(config.storage))
@@ -443,6 +402,7 @@ def train(config: TrainConfig) -> TrainResult:
     storage.check_writable(config.run_uri)
     init_ray(gpu=config.use_gpu)
     _check_cluster(config)
+    check_shared_storage({"--data": config.data, "--storage": config.storage})
 
     current = recipe(config, info, dataset_sha256(config.data))
     previous, meta = _previous(config, current)  # refuses a resume that would mix two runs
@@ -502,9 +462,11 @@ def train(config: TrainConfig) -> TrainResult:
             schedule_knots=tuple((float(e), float(p)) for e, p in knots),
             recipe=current,
             config=jsonable(config.to_dict()),
+            checkpoint_every_steps=config.checkpoint_every_steps,
         )
         steps = steps_per_epoch(payload.train_rows, config.num_workers, config.batch_size)
-        with console.Progress("train", f"epoch {done + 1}/{config.epochs}", config.epochs * steps, "step", done * steps) as shown:
+        at = done * steps + int(meta.get("step", 0) if meta else 0)  # a mid-epoch checkpoint's steps too
+        with console.Progress("train", f"epoch {done + 1}/{config.epochs}", config.epochs * steps, "step", at) as shown:
             result = _fit(config, payload, info, shown.handle)
     out = export(config, info, result, start, done_before=done)
     print(format_summary(out), flush=True)

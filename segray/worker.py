@@ -8,10 +8,25 @@ and changed on its own. Per epoch, each worker trains on its shard of the train 
 over the workers with all_reduce, and rank 0 writes a checkpoint that Ray Train copies into the
 run folder (``checkpoint_epoch_NNNN/``: ``state.pt`` with the weights, optimiser, LR schedule,
 epoch, network, classes, recipe and history; ``meta.json`` the same without tensors).
+
+Two rules keep DDP in lock-step and make failures cheap:
+
+- *Step parity*: before each step the ranks agree (one tiny all_reduce) that every one of them
+  has a batch; the epoch ends for all at the first rank without one, or at ``steps_per_epoch``.
+  No input path can make one rank wait forever in a step the others never run.
+- *Mid-epoch checkpoints* (``--checkpoint-every-steps N``): after every N-th step of an epoch
+  (not its last), rank 0 also writes ``checkpoint_epoch_NNNN_step_KKKKKK/`` with the epochs
+  done, the K steps done of epoch NNNN, and that epoch's summed loss so far; its val_miou is NaN,
+  so it is never the best, and Ray Train keeps it only while it is the latest. A restart from
+  it skips the epoch's first K batches: with cached shards (the default below 1 GiB) the same
+  batches in the same order, augmented alike (step k's augmentation is seeded by k); with
+  streamed shards the first K batches of Ray Data's new pass, which deals rows anew. With
+  another worker count the epoch starts over.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -63,6 +78,7 @@ class WorkerPayload:
     schedule_knots: tuple[tuple[float, float], ...] = ()  # the run's LR schedule; () = fresh_schedule(epochs)
     recipe: dict | None = None  # what the run is made from (runrecord.recipe); saved in every checkpoint
     config: dict = field(default_factory=dict)  # the command's TrainConfig, as a dict: saved in every checkpoint
+    checkpoint_every_steps: int | None = None  # also a checkpoint every N steps within an epoch
 
 
 def _say(line: str) -> None:
@@ -74,13 +90,6 @@ def _say(line: str) -> None:
 def steps_per_epoch(train_rows: int, world: int, batch_size: int) -> int:
     """Steps of one epoch on each worker: train is split into equal shards (DataConfig in train.py)."""
     return max(1, math.ceil((train_rows // world) / batch_size))
-
-
-def _counted(batches, progress, done_before: int, desc: str):
-    """``batches``, reporting each finished step to the job's progress display (console.py)."""
-    for k, batch in enumerate(batches):
-        yield batch
-        console.report_position(progress, done_before + k + 1, desc)
 
 
 def _seed_for(*parts: int) -> int:
@@ -136,22 +145,62 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _all_have_a_batch(has: bool, device: torch.device) -> bool:
+    """Step parity: True when every rank has a batch for the next step. One tiny all_reduce per
+    step, so that no rank ever runs a step the others do not (DDP would wait forever in it)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return has
+    flag = torch.tensor([0 if has else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return int(flag.item()) == 0
+
+
+def _node_ids(mine: str, world: int) -> list[str]:
+    """Every rank's node id, in rank order (one all_gather at the start of an attempt)."""
+    import torch.distributed as dist
+
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return [str(n) for n in out]
+
+
 def train_one_epoch(
     model,
     optimizer,
     scheduler,
     batches,
     weight,
-    generator,
+    seed: int,
     augmentation: Augmentation,
     device,
     void_index: int,
+    steps: int,
+    first_step: int = 0,
+    totals: torch.Tensor | None = None,
+    after_step=None,
 ):
-    """One pass over this worker's shard; returns (loss sum, weight sum, images) of this worker."""
+    """Steps ``first_step``..``steps - 1`` of one epoch over this worker's shard (``batches``
+    holds those steps' batches). Every rank runs the same steps: the epoch ends for all at
+    ``steps`` or as soon as one rank has no batch left. Step k's augmentation draws from a
+    generator seeded with (``seed``, k), so a resumed epoch augments its steps as the first pass
+    did. ``after_step(k, totals)`` runs after step k (1-based). Returns (loss sum, weight sum,
+    images) of this worker, added to ``totals``."""
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*weight, weight, images
-    for x, y in batches:
+    if totals is None:
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*weight, weight, images
+    generator = torch.Generator()
+    it = iter(batches)
+    for step in range(first_step, steps):
+        batch = next(it, None)
+        if not _all_have_a_batch(batch is not None, device):
+            break
+        x, y = batch
         if augmentation.enabled:
+            generator.manual_seed(_seed_for(seed, step))
             x, y = augment_batch(x, y, generator, augmentation, void_index)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)  # grid_sample returns NCHW-contiguous
@@ -167,6 +216,8 @@ def train_one_epoch(
         totals[0] += loss_sum.detach().double()
         totals[1] += denom.detach().double()
         totals[2] += len(x)
+        if after_step is not None:
+            after_step(step + 1, totals)
     return totals
 
 
@@ -200,6 +251,7 @@ def _load_checkpoint(checkpoint) -> dict:
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker. ``loop_config = {"payload": WorkerPayload, "progress": handle}``
     (the handle: console.py's progress display, reported to by rank 0)."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -217,14 +269,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     progress = loop_config.get("progress") if rank == 0 else None
     knots = [list(k) for k in p.schedule_knots] or fresh_schedule(p.epochs)
 
-    start_epoch, history = 0, []
+    # A checkpoint holds the epochs done and, when written mid-epoch (--checkpoint-every-steps),
+    # the steps done of the next one and that epoch's summed loss so far.
+    start_epoch, start_step, history, partial = 0, 0, [], None
     checkpoint = ray.train.get_checkpoint()
     state = _load_checkpoint(checkpoint) if checkpoint else None
     if state is not None:
         model.load_state_dict(state["model"])
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        start_step, partial = int(state.get("step", 0)), state.get("partial")
+        if start_step and state.get("world") != world:  # another shard size: that epoch starts over
+            start_step, partial = 0, None
         if rank == 0:
-            _say(f"train: worker resumed after epoch {start_epoch} of {p.epochs}")
+            at = f" and step {start_step} of epoch {start_epoch + 1}" if start_step else ""
+            _say(f"train: worker resumed after epoch {start_epoch}{at} of {p.epochs}")
 
     if on_gpu:
         if world > 1:
@@ -236,45 +294,87 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    # From the epoch and the knots, not from the checkpoint's step count (module docstring).
-    scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch, steps)
+    # From the epoch position and the knots, not from the checkpoint's step count (module docstring).
+    scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch + start_step / steps, steps)
     weight = torch.tensor(p.class_weights, device=device) if p.class_weights else None
 
+    nodes = _node_ids(ray.get_runtime_context().get_node_id(), world)  # by rank: where this attempt runs
     train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
     cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     curves = Curves(run_folder(p.config), enabled=rank == 0, say=_say)  # <run>/tensorboard/
 
-    def batches_of(split: str, shard, shuffle_seed: int | None):
-        """One pass over this worker's ``split``: from memory when shards are cached (read in full
-        on first use, reshuffled with ``shuffle_seed``), else streamed through Ray Data."""
+    def batches_of(split: str, shard, shuffle_seed: int | None, skip: int = 0):
+        """One pass over this worker's ``split``, without its first ``skip`` batches (a resumed
+        epoch): from memory when shards are cached (read in full on first use, reshuffled with
+        ``shuffle_seed``: the same order again), else streamed through Ray Data (its first
+        ``skip`` batches read and dropped; Ray Data deals rows anew on every pass)."""
         if not p.cache_shards:
-            return _batches(shard, p, device, on_gpu, shuffle_seed)
+            return itertools.islice(_batches(shard, p, device, on_gpu, shuffle_seed), skip, None)
         if split not in cached:
             cached[split] = read_shard(shard, p)
         rows = len(cached[split][0])
         order = np.arange(rows) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(rows)
-        return array_batches(cached[split], p.batch_size, order, device, on_gpu)
+        return array_batches(cached[split], p.batch_size, order[skip * p.batch_size:], device, on_gpu)
+
+    def state_of(epochs_done: int, step: int = 0, partial: list | None = None) -> dict:
+        return {
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epochs_done,
+            "step": step,  # steps done of epoch epochs_done + 1 (a mid-epoch checkpoint)
+            "partial": partial,  # [loss sum, weight sum, images, train seconds] of those steps, all ranks
+            "world": world,  # the steps are this many workers' (a resume with another count restarts the epoch)
+            "schedule": {"name": p.lr_schedule, "knots": knots, "epochs": p.epochs},
+            "arch": p.arch,
+            "model_config": dict(p.model_args),
+            "classes": list(p.classes),
+            "recipe": p.recipe,
+            "history": history,
+            "config": p.config,
+        }
+
+    def report(metrics: dict, name: str, state: dict | None) -> None:
+        """Every rank reports (a barrier); only rank 0's metrics and checkpoint are kept."""
+        if state is None:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        meta = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        with tempfile.TemporaryDirectory() as d:
+            _save_checkpoint(d, state, meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
     for epoch in range(start_epoch + 1, p.epochs + 1):
         t0 = time.perf_counter()
+        first = start_step if epoch == start_epoch + 1 else 0
+        before = partial if first else None  # what the steps before `first` summed, and their time
         lr_start = optimizer.param_groups[0]["lr"]
-        generator = torch.Generator().manual_seed(_seed_for(p.seed, rank, epoch))
-        batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(p.seed, rank, epoch, 1))
-        if progress is not None:
-            batches = _counted(batches, progress, (epoch - 1) * steps, f"epoch {epoch}/{p.epochs}")
+        batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(p.seed, rank, epoch, 1), skip=first)
+
+        def after_step(k: int, totals: torch.Tensor) -> None:
+            console.report_position(progress, (epoch - 1) * steps + k, f"epoch {epoch}/{p.epochs}")
+            if p.checkpoint_every_steps and k % p.checkpoint_every_steps == 0 and k < steps:
+                sums = _all_reduce(totals.clone()).tolist()  # every rank's, so that rank 0 keeps them all
+                seconds = time.perf_counter() - t0 + (before[3] if before else 0.0)
+                metrics = {"epoch": epoch - 1, "step": k, SCORE: float("nan")}  # never the best checkpoint
+                keep = state_of(epoch - 1, k, sums + [seconds]) if rank == 0 else None
+                report(metrics, f"{CHECKPOINT_PREFIX}{epoch:04d}_step_{k:06d}", keep)
+
+        # Rank 0 carries the sums of the steps before a mid-epoch resume; the others start at 0.
+        totals = torch.tensor(before[:3] if before and rank == 0 else [0.0] * 3, dtype=torch.float64, device=device)
         train_totals = _all_reduce(
             train_one_epoch(
-                model, optimizer, scheduler, batches, weight, generator, p.augmentation, device, p.void_index,
+                model, optimizer, scheduler, batches, weight, _seed_for(p.seed, rank, epoch), p.augmentation, device,
+                p.void_index, steps, first, totals, after_step,
             )
         )
-        train_time = time.perf_counter() - t0
+        train_time = time.perf_counter() - t0 + (before[3] if before else 0.0)
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
         cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
                                 p.void_index)
         # Counts and sums from every worker first; ratios only after (metrics.py).
         cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
-        epoch_time = time.perf_counter() - t0
+        epoch_time = time.perf_counter() - t0 + (before[3] if before else 0.0)
         scores = summarize(cm, p.classes)
         train_loss, train_weight, images = train_totals.tolist()
         val_sum, val_weight = val_loss.tolist()
@@ -287,37 +387,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "val_iou": scores["iou"],
             "val_pixels": scores["pixels"],
             "lr": optimizer.param_groups[0]["lr"],  # after the epoch's last step: the next step's
-            "lr_start": lr_start,  # of the epoch's first step
+            "lr_start": lr_start,  # of the epoch's first step (after a mid-epoch resume: of that step)
             "train_images": int(images),
             "images_per_s": images / train_time if train_time > 0 else float("nan"),
             "train_time_s": train_time,
             "epoch_time_s": epoch_time,
             "world_size": world,
+            "nodes": nodes,  # the Ray node id of each rank, in rank order
         }
         history.append(metrics)
-        name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
         if rank == 0:
             _say(format_epoch(metrics, p.epochs))
-            state = {
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "schedule": {"name": p.lr_schedule, "knots": knots, "epochs": p.epochs},
-                "arch": p.arch,
-                "model_config": dict(p.model_args),
-                "classes": list(p.classes),
-                "recipe": p.recipe,
-                "history": history,
-                "config": p.config,
-            }
-            meta = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
-            with tempfile.TemporaryDirectory() as d:
-                _save_checkpoint(d, state, meta)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+        report(metrics, f"{CHECKPOINT_PREFIX}{epoch:04d}", state_of(epoch) if rank == 0 else None)
+        if rank == 0:
             curves.log(metrics)  # after the report: the curves hold checkpointed epochs (segray/tensorboard.py)
-        else:
-            # Every rank reports (a barrier); only rank 0's metrics and checkpoint are kept.
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
     curves.close()
 
 

@@ -206,6 +206,48 @@ def test_killed_train_worker_recovers_from_the_latest_checkpoint(prepared, ray_c
 
 
 @pytest.mark.slow
+def test_killed_train_worker_with_step_checkpoints_resumes_within_the_epoch(prepared, ray_cluster, tmp_path):
+    """--checkpoint-every-steps 4: the worker killed right after a mid-epoch checkpoint of epoch 2;
+    the restart resumes at that checkpoint's step, not at the epoch's start, and epoch 2's
+    metrics still count every training image once (the steps before the checkpoint carried over)."""
+    data, runs, epochs = f"{prepared}/prepared", f"{prepared}/runs-steps", 3
+    run = f"{runs}/s"
+    job = Job(ray_cluster, "train", "--data", data, "--storage", runs, "--name", "s", "--epochs", str(epochs),
+              "--max-failures", "1", "--checkpoint-every-steps", "4", *TRAIN_ARGS, log_path=tmp_path / "train.log")
+
+    registered: list[int] = []
+
+    def a_step_checkpoint_of_epoch_2_registered() -> bool:
+        # Ray Train's controller registers a reported checkpoint when it polls the workers, and
+        # records it in its snapshot: a restart starts from the latest one registered there.
+        try:
+            snapshot = json.loads(storage.read_bytes(f"{run}/checkpoint_manager_snapshot.json"))
+        except Exception:  # noqa: BLE001 - not written yet
+            return False
+        name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
+        if name.startswith("checkpoint_epoch_0002_step_"):
+            registered.append(int(name.rsplit("_", 1)[1]))
+        return bool(registered)
+
+    job.wait_for(a_step_checkpoint_of_epoch_2_registered, timeout=400, what="a registered mid-epoch checkpoint")
+    workers = train_workers()
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    assert job.finish(timeout=500) == 0, job.output[-4000:]
+    output = job.output
+    resumed = re.search(r"train: worker resumed after epoch (\d+) and step (\d+) of epoch (\d+) of", output)
+    assert resumed, "no restart from a mid-epoch checkpoint:\n" + output[-4000:]
+    done, step, epoch = (int(g) for g in resumed.groups())
+    # At or after the step checkpoint seen registered before the kill (160 rows / 2 / 4 = 20 steps).
+    assert (done, epoch) == (1, 2) and step % 4 == 0 and registered[0] <= step < 20, (resumed.group(0), registered)
+    assert epochs_printed(output[resumed.end():]) == [2, 3], output[-4000:]
+    metrics = check_finished_run(run, epochs, output)
+    assert [h["train_images"] for h in metrics["history"]] == [160, 160, 160]
+    assert not any(n.startswith("checkpoint_epoch_0002_step_") for n in
+                   {storage.relative(run, f).split("/")[0] for f in storage.list_files(run)}), "kept only while latest"
+
+
+@pytest.mark.slow
 def test_killed_train_driver_then_same_command_resumes(prepared, ray_cluster, run_job, tmp_path):
     data, runs, epochs = f"{prepared}/prepared", f"{prepared}/runs-driver", 3
     args = ("--data", data, "--storage", runs, "--name", "d", "--epochs", str(epochs), *TRAIN_ARGS)

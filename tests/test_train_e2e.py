@@ -116,6 +116,7 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
         assert {"train_loss", "val_loss", "val_miou", "val_pixel_accuracy", "val_iou", "images_per_s",
                 "epoch_time_s"} <= set(h)
         assert set(h["val_iou"]) == set(load_info(data).classes) and h["train_images"] == TRAIN
+        assert len(h["nodes"]) == 2 and all(len(n) == 56 for n in h["nodes"])  # each rank's Ray node id (hex)
     best = max(history, key=lambda h: (h["val_miou"], h["epoch"]))
     assert m1["best_epoch"] == best["epoch"] and m1["best"] == best and m1["final"] == history[-1]
     assert m1["config"]["lr"] == 0.003 and m1["config"]["base_channels"] == 8

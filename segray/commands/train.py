@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per CPU worker (default: --cpus-per-worker)")
     parser.add_argument("--keep-checkpoints", type=int, default=D["keep_checkpoints"],
                         help="checkpoints kept, the best by val mIoU; the latest is kept too (default %(default)s)")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=D["checkpoint_every_steps"], metavar="N",
+                        help="also checkpoint every N training steps within an epoch, so that a lost worker or node "
+                        "costs at most N steps (a restart resumes at the step after the checkpoint; default: at the "
+                        "end of each epoch only)")
     add_version(parser)
     return parser
 
