@@ -99,11 +99,12 @@ def test_lines_split_across_reads_are_judged_whole():
 
 def test_progress_off_a_terminal_prints_lines_with_the_exact_total(capsys, monkeypatch):
     monkeypatch.setenv("SEGRAY_PROGRESS_INTERVAL", "0")
-    with Progress("infer", "frames", total=0, unit="frame") as p:
-        assert p.handle is None and p.bar is None  # no Ray here: nothing reports remotely
-        p.update(total=7)
-        for _ in range(7):
-            p.update(advance=1)
+    p = Progress("infer", "frames", total=0, unit="frame")  # not entered: no actor, whether or not Ray is up
+    assert p.bar is None  # pytest's output is no terminal
+    p.update(total=7)
+    for _ in range(7):
+        p.update(advance=1)
+    p.close()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 9  # one per update (interval 0: 0/7 .. 7/7), and the last one again at the end
     assert re.fullmatch(r"infer: frames: +100% 7/7 \[.*frame/s\]", lines[-1])
@@ -112,9 +113,10 @@ def test_progress_off_a_terminal_prints_lines_with_the_exact_total(capsys, monke
 
 def test_progress_lines_wait_for_the_interval(capsys, monkeypatch):
     monkeypatch.setenv("SEGRAY_PROGRESS_INTERVAL", "3600")
-    with Progress("prepare", "pairs", total=5, unit="pair") as p:
-        for _ in range(5):
-            p.update(advance=1)
+    p = Progress("prepare", "pairs", total=5, unit="pair")
+    for _ in range(5):
+        p.update(advance=1)
+    p.close()
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("prepare: pairs: 100% 5/5 [")  # the final line only
 
