@@ -50,6 +50,9 @@ NOISE = tuple(
         rb"Ray deduplicates logs by default",
         rb"Tip: use `ray status` to view detailed cluster status",
         rb"^Progress bars disabled\. To enable, set",
+        # abseil's lock diagnostics from a Ray worker exiting idle after its tasks (seen with Ray 2.60
+        # on 2 cores, no task or row lost); a task that fails is reported by Ray on its own.
+        rb"\[mutex\.cc : \d+\] RAW: (?:Lock blocking|Mutex corrupt)",
     )
 )
 # Ray's own actors whose every line is dropped: PlacementGroupCleaner's monitor thread dies with

@@ -44,6 +44,7 @@ RAY_NOISE = [
     "2026-11-30 06:12:26,278\tINFO dataset.py:6884 -- Data sink Parquet finished. 192 rows and 4.5MiB data written.",
     "\x1b[36m(PlacementGroupCleaner pid=12887)\x1b[0m Exception in thread PlacementGroupCleanerMonitor:",
     "\x1b[36m(PlacementGroupCleaner pid=12887)\x1b[0m ConnectionError: Found multiple active Ray instances",
+    "(get_table_block_metadata_schema pid=4794) [mutex.cc : 452] RAW: Lock blocking 0x564e6bd7d240   @ 0x7ff95282b1a2",
 ]
 KEPT = [
     "demo: [1/4] prepare",

@@ -124,12 +124,11 @@ def run_demo(args: argparse.Namespace) -> None:
     for what, uri in [
         ("source frames", source),
         ("prepared dataset", data),
-        ("training run (checkpoints, metrics.json)", run),
-        ("exported model", storage.join(run, "model")),
+        ("training run (checkpoints, model/, metrics.json)", run),
         ("predictions, errors, metrics.parquet, masks", predictions),
         ("report (open in a browser)", page),
     ]:
-        print(f"  {what:45s} {uri}")
+        print(f"  {what:50s} {uri}")
 
 
 if __name__ == "__main__":
