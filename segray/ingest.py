@@ -13,8 +13,8 @@ from segray.worker import TRAIN_SPLIT, VAL_SPLIT
 BLOCK_BYTES = 32 * 1024 * 1024  # Ray Data block size of the training data in the object store
 
 
-def training_datasets(data: str, info: DatasetInfo, num_workers: int) -> dict:
-    """Both splits as Ray Datasets held in the object store, in blocks of at most ~32 MB.
+def training_datasets(data: str, info: DatasetInfo, num_workers: int, cache_train: bool = False) -> tuple[dict, list]:
+    """Both splits in the object store: ``({split: Ray Dataset}, train shards)``.
 
     Read once, by the driver, with pyarrow, not with ``ray.data.read_parquet``: a streaming read
     needs CPUs for its read tasks every epoch, and where the workers hold every CPU (a CPU box)
@@ -22,26 +22,37 @@ def training_datasets(data: str, info: DatasetInfo, num_workers: int) -> dict:
     the driver's read (docs/benchmarks.md, "Training"). Every epoch then streams from memory,
     split across the workers by Ray Data, instead of from object storage. (A dataset larger than
     the object store would need streaming reads and spare CPUs for them.)
+
+    With ``cache_train`` (the workers keep their shards in memory: train.shard_cache_fits) the
+    train split is not a Dataset but one object per rank, rows ``rank, rank + N, ...`` of the
+    split (N workers; the last ``rows % N`` rows left out, as an equal split does): every rank
+    gets the same rows whatever node it runs on and whoever asks first, so a run is the same on
+    one node or several, and a restart finds its shard again.
     """
+    import numpy as np
     import pyarrow.parquet as pq
     import ray
 
-    out = {}
+    out, shards = {}, []
     fs, _ = storage.resolve(data)
     for split in (TRAIN_SPLIT, VAL_SPLIT):
         # Exactly the files dataset.json lists: the folder may hold others (prepare's leftovers).
         paths = [storage.resolve(u)[1] for u in split_files(data, info, split)]
         table = pq.read_table(paths, filesystem=fs, columns=[COL_IMAGE, COL_LABEL])
+        if split == TRAIN_SPLIT and cache_train:
+            each = table.num_rows // num_workers
+            shards = [ray.put(table.take(np.arange(r, each * num_workers, num_workers))) for r in range(num_workers)]
+            continue
         # Several blocks per worker, so that the val split (not split equally) is shared out evenly.
         blocks = max(4 * num_workers, math.ceil(table.nbytes / BLOCK_BYTES))
         rows = max(1, math.ceil(table.num_rows / blocks))
         out[split] = ray.data.from_arrow([table.slice(i, rows) for i in range(0, table.num_rows, rows)])
-    return out
+    return out, shards
 
 
 def data_config():
-    """train: equal shards (DDP hangs when ranks take different numbers of steps); val: every
-    row exactly once (an equal split would drop rows and bias the metrics)."""
+    """train (when a Dataset): equal shards (DDP hangs when ranks take different numbers of
+    steps); val: every row exactly once (an equal split would drop rows and bias the metrics)."""
     import ray.train
 
     class ShardConfig(ray.train.DataConfig):

@@ -313,9 +313,10 @@ def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo, progres
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
+    datasets, shards = training_datasets(config.data, info, config.num_workers, payload.cache_shards)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"payload": payload, "progress": progress},
+        train_loop_config={"payload": payload, "progress": progress, "train_shards": shards},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),
@@ -331,7 +332,7 @@ def _fit(config: TrainConfig, payload: WorkerPayload, info: DatasetInfo, progres
             # workers' own progress lines (rank 0) and warnings remain.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        datasets=training_datasets(config.data, info, config.num_workers),
+        datasets=datasets,
         dataset_config=data_config(),
     )
     return trainer.fit()

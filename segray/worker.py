@@ -249,8 +249,9 @@ def _load_checkpoint(checkpoint) -> dict:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker. ``loop_config = {"payload": WorkerPayload, "progress": handle}``
-    (the handle: console.py's progress display, reported to by rank 0)."""
+    """Runs on every Ray Train worker. ``loop_config = {"payload": WorkerPayload, "progress": handle,
+    "train_shards": [object ref per rank]}`` (the handle: console.py's progress display, reported
+    to by rank 0; the shards: with cached shards, segray/ingest.py)."""
     import ray
     import ray.train
     import ray.train.torch
@@ -299,9 +300,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     weight = torch.tensor(p.class_weights, device=device) if p.class_weights else None
 
     nodes = _node_ids(ray.get_runtime_context().get_node_id(), world)  # by rank: where this attempt runs
-    train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
     cached: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if p.cache_shards:  # this rank's rows of train, the same on any node (segray/ingest.py)
+        table = ray.get(loop_config["train_shards"][rank])
+        cached[TRAIN_SPLIT] = tuple(a.copy() for a in rows_to_arrays(table.to_pydict(), p.height, p.width))
+        train_shard = None
+    else:
+        train_shard = ray.train.get_dataset_shard(TRAIN_SPLIT)
     curves = Curves(run_folder(p.config), enabled=rank == 0, say=_say)  # <run>/tensorboard/
 
     def batches_of(split: str, shard, shuffle_seed: int | None, skip: int = 0):
