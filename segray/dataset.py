@@ -86,6 +86,9 @@ class DatasetInfo:
     palette: list[list[int]] = field(default_factory=lambda: CAMVID.palette)
     void_index: int = CAMVID.void_index
     void_name: str = CAMVID.void_name
+    # Where the pairs were processed: Ray node id -> pairs (bad ones included). A record of the run,
+    # not of the data: two prepares of one source differ here and in ``files`` only.
+    nodes: dict[str, int] = field(default_factory=dict)
     format: str = FORMAT
     schema: dict[str, str] = field(default_factory=lambda: {f.name: str(f.type) for f in SCHEMA})
 

@@ -27,6 +27,7 @@ from segray import archives, sources, storage, video
 from segray.errors import describe
 from segray.layout import is_image
 from segray.predictions import (
+    COL_DECODE_NODE,
     COL_FRAME_INDEX,
     COL_HEIGHT,
     COL_LABEL_URI,
@@ -44,6 +45,7 @@ from segray.predictions import (
     STAGE_READ,
 )
 from segray.preprocess import BadInputError, decode_image, resize_image
+from segray.runtime import node_id
 
 # Between the stages (not stored): the listing, the units, the decoded frames, the masks.
 COL_KIND = "kind"
@@ -78,6 +80,7 @@ FRAMES_SCHEMA = pa.schema(
         (COL_IMAGE, pa.binary()),
         (COL_STAGE, pa.string()),
         (COL_MESSAGE, pa.string()),
+        (COL_DECODE_NODE, pa.string()),
     ]
 )
 RESULTS_SCHEMA = pa.schema([*PREDICTIONS_SCHEMA, ERRORS_SCHEMA.field(COL_STAGE), ERRORS_SCHEMA.field(COL_MESSAGE)])
@@ -419,11 +422,13 @@ def load_units(
     labels: dict[str, sources.Label] | None = None,
 ) -> Iterator[pa.Table]:
     """Unit rows -> frame rows (decoded, resized to ``size``) or error rows; never raises for a
-    bad input. ``labels`` (the whole label index) is needed only to pair archive members."""
+    bad input. ``labels`` (the whole label index) is needed only to pair archive members. Each
+    row records the node it was decoded on (COL_DECODE_NODE)."""
+    node = node_id()
     rows: list[dict] = []
     for text in batch.column(COL_UNIT).to_pylist():
         for row in _unit_rows(json.loads(text), size, labels, images_root):
-            rows.append(row)
+            rows.append({**row, COL_DECODE_NODE: node})
             if len(rows) >= FRAMES_PER_BLOCK:
                 yield pa.Table.from_pylist(rows, schema=FRAMES_SCHEMA)
                 rows = []

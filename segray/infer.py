@@ -49,6 +49,7 @@ from segray.predictions import (
 )
 from segray.layout import label_color_table
 from segray.predictor import ModelLoader, Predictor, postprocess
+from segray.runtime import check_shared_storage
 
 
 # CPUs reserved by a planning task (listing a block of files, indexing a container).
@@ -399,6 +400,9 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
         output=storage.normalize(config.output),
         labels=storage.normalize(config.labels) if config.labels else None,
     )
+    # Replicas and tasks on other machines would read and write their own disks.
+    check_shared_storage({"--model": config.model, "--images": config.images, "--labels": config.labels,
+                          "--output": config.output})
     # The model is loaded and checked here, on the driver (weights-only, every tensor against the
     # network of config.json), before the output is touched: a model that cannot load must not
     # be found inside the actor after metrics.parquet of a finished output was deleted.

@@ -21,6 +21,10 @@ read it through here, never through the stage. Output layout (``<output>/``), th
     frame_index         int64          video frames: k, 0-based in the decoder's (presentation)
                                        order; null for images and archive members
     timestamp_s         double         video frames: presentation time in seconds; null else
+    decode_node         string         the Ray node id of the task that read and decoded the frame
+    predict_node        string         the Ray node id of the model replica that predicted it
+                                       (both: where the work ran; null in outputs written before
+                                       they were recorded, and outside Ray)
   The label columns are always present (null without --labels), so that every file of the
   folder has one schema, whatever run wrote it.
 
@@ -98,6 +102,8 @@ COL_CONFUSION = "confusion"
 COL_ACCURACY = "pixel_accuracy"
 COL_FRAME_INDEX = "frame_index"
 COL_TIMESTAMP = "timestamp_s"
+COL_DECODE_NODE = "decode_node"
+COL_PREDICT_NODE = "predict_node"
 COL_STAGE = "stage"
 COL_MESSAGE = "message"
 
@@ -124,6 +130,8 @@ PREDICTIONS_SCHEMA = pa.schema(
         (COL_ACCURACY, pa.float64()),
         (COL_FRAME_INDEX, pa.int64()),
         (COL_TIMESTAMP, pa.float64()),
+        (COL_DECODE_NODE, pa.string()),
+        (COL_PREDICT_NODE, pa.string()),
     ]
 )
 ERRORS_SCHEMA = pa.schema([(COL_URI, pa.string()), (COL_STAGE, pa.string()), (COL_MESSAGE, pa.string())])

@@ -25,11 +25,13 @@ from segray.predictions import (
     COL_ACCURACY,
     COL_CONFUSION,
     COL_COUNTS,
+    COL_DECODE_NODE,
     COL_FRAME_INDEX,
     COL_HEIGHT,
     COL_LABEL_URI,
     COL_MASK,
     COL_MESSAGE,
+    COL_PREDICT_NODE,
     COL_STAGE,
     COL_TIMESTAMP,
     COL_URI,
@@ -46,6 +48,7 @@ from segray.preprocess import (
     encode_png,
     resize_label,
 )
+from segray.runtime import node_id
 
 
 class PredictorError(SegrayError, ValueError):
@@ -111,6 +114,7 @@ class Predictor:
             torch.set_num_threads(threads or cpu_threads_default(num_replicas, _assigned_cpus()))
         self.model, self.spec = loader(model_uri, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.node = node_id()  # recorded with every frame this replica predicts (COL_PREDICT_NODE)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(N, h, w, 3) uint8`` frames at the model's size -> ``(N, h, w) uint8`` class indices."""
@@ -139,7 +143,8 @@ class Predictor:
             for k, i in enumerate(idx):
                 preds[i] = masks[k].tobytes()
         out = batch.drop_columns([COL_IMAGE])
-        return out.append_column(COL_PRED, pa.array(preds, type=pa.binary()))
+        out = out.append_column(COL_PRED, pa.array(preds, type=pa.binary()))
+        return out.append_column(COL_PREDICT_NODE, pa.array([self.node] * batch.num_rows, type=pa.string()))
 
 
 # ----------------------------------------------------------------------------- stage 3: postprocess
@@ -231,6 +236,8 @@ def _result_row(item: dict, model_size: tuple[int, int], classes: ClassTable, co
         COL_ACCURACY: result.pixel_accuracy,
         COL_FRAME_INDEX: item[COL_FRAME_INDEX],
         COL_TIMESTAMP: item[COL_TIMESTAMP],
+        COL_DECODE_NODE: item.get(COL_DECODE_NODE),
+        COL_PREDICT_NODE: item.get(COL_PREDICT_NODE),
     }
 
 

@@ -85,6 +85,7 @@ from segray.preprocess import (
     resize_image,
     resize_label,
 )
+from segray.runtime import check_shared_storage, node_id
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ _COL_SPLIT = "split"
 _COL_ERROR = "error"
 _COL_COUNTS = "class_counts"  # 256 pixel counts, one per label value (classes and void)
 _COL_UNMAPPED = "unmapped"
+_COL_NODE = "node"  # the Ray node id of the task that processed the pair (dataset.json "nodes")
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -153,8 +155,10 @@ def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None, cla
     """Read, check and resize one batch of pairs; ``progress``: a console.Progress handle."""
     lookup = color_lookup(colors) if colors else None
     h, w = size
-    rows: dict[str, list] = {k: [] for k in (*SCHEMA.names, _COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED)}
+    rows: dict[str, list] = {k: [] for k in (*SCHEMA.names, _COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED,
+                                             _COL_NODE)}
     problems = batch.get("problem", [""] * len(batch["name"]))
+    node = node_id() or ""
     for split, name, image_uri, label_uri, problem in zip(batch["split"], batch["name"], batch["image"], batch["label"],
                                                           problems):
         error, image, label, unmapped = "", b"", b"", 0
@@ -182,11 +186,13 @@ def _process_batch(batch: dict, size: tuple[int, int], colors: tuple | None, cla
             (_COL_ERROR, error),
             (_COL_COUNTS, counts),
             (_COL_UNMAPPED, unmapped),
+            (_COL_NODE, node),
         ):
             rows[k].append(v)
     console.report(progress, done=len(rows[COL_NAME]))
     schema = SCHEMA.append(pa.field(_COL_SPLIT, pa.string())).append(pa.field(_COL_ERROR, pa.string()))
     schema = schema.append(pa.field(_COL_COUNTS, pa.list_(pa.int64()))).append(pa.field(_COL_UNMAPPED, pa.int64()))
+    schema = schema.append(pa.field(_COL_NODE, pa.string()))
     return pa.Table.from_pydict(rows, schema=schema)
 
 
@@ -222,6 +228,8 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
 
     start = time.perf_counter()
     config = check_paths(config)  # reads only: nothing is written or deleted before it passes
+    # Tasks on other machines would read and write their own disks: local paths need one machine.
+    check_shared_storage({"--source": config.source, "--dest": config.dest})
     layout: Layout = detect(config.source)
     size = config.size or _first_image_size(layout.pairs[0].image)
     counts = layout.split_counts()
@@ -248,7 +256,7 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
         )
         ds = ds.materialize()
 
-    summary = ds.select_columns([_COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED]).to_pandas()
+    summary = ds.select_columns([_COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED, _COL_NODE]).to_pandas()
     bad = summary[summary[_COL_ERROR] != ""]
     if len(bad) and not config.skip_bad:
         first = bad[_COL_ERROR].iloc[0]
@@ -326,6 +334,7 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
             unmapped_color_pixels=unmapped,
             skipped=sorted(bad[_COL_ERROR].tolist()),
             files=files,
+            nodes={str(k): int(v) for k, v in sorted(summary[_COL_NODE].value_counts().items()) if k},
             **classes.to_fields(),
         )
         write_info(config.dest, info)  # the swap: from now on the new dataset is the dataset

@@ -8,7 +8,7 @@ Started after conftest's ``s3_server`` set the AWS_* variables, every node (and 
 forks) inherits them: the credentials never travel in a job's runtime_env. The child stops its
 nodes when its stdin closes, so the cluster never outlives the test session, even a killed one.
 
-    with start_cluster(nodes=2, cpus=2) as cluster:        # head (0 CPUs) + 2 worker nodes
+    with start_cluster(nodes=2, cpus=2) as cluster:        # head (0 CPUs) + 2 worker nodes; after s3_server
         proc = cluster.run_job("infer", "--model", ..., "--num-replicas", "2")
         cluster.remove_node(node_id)                         # raylet and workers killed, not drained
 """
@@ -24,8 +24,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "cluster" / "local_multinode.py"
@@ -143,14 +141,6 @@ class MultiNodeCluster:
 def start_cluster(nodes: int = 2, cpus: float = 2, head_cpus: float = 0, **kwargs) -> MultiNodeCluster:
     """A head with ``head_cpus`` CPUs and ``nodes`` worker nodes of ``cpus`` CPUs each, all on this machine."""
     return MultiNodeCluster(nodes=nodes, cpus=cpus, head_cpus=head_cpus, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def multinode(s3_server):
-    """A head (0 CPUs) and two worker nodes (2 CPUs each) for one test module; AWS_* of the moto server."""
-    cluster = start_cluster(nodes=2, cpus=2)
-    yield cluster
-    cluster.shutdown()
 
 
 def node_ids(column) -> set[str]:
