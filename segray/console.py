@@ -209,14 +209,14 @@ def job_output(show_all: bool = False):
         sys.stderr.flush()
         for fd in (1, 2):
             os.dup2(saved[fd], fd)  # the pipes' last writers in this process are gone
-        for pump, r in pumps:
-            # A child process that inherited a pipe can keep it open: give up on it after a moment.
+        for (pump, r), fd in zip(pumps, (1, 2)):
+            # A child process that inherited a pipe can keep it open: give up on it after a moment,
+            # leaving its two descriptors open (a pump still running writes to the real stream).
             pump.join(timeout=2.0)
             if not pump.is_alive():
                 os.close(r)
+                os.close(saved[fd])
         _terminal.clear()
-        for fd in saved.values():
-            os.close(fd)
 
 
 def _display_fd() -> int:
@@ -250,6 +250,7 @@ class Progress:
         self.last_line = self.start
         self.bar = None
         self.handle = None
+        self.final: int | None = None
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         fd = _display_fd()
@@ -276,9 +277,16 @@ class Progress:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         if self._poller is not None:
-            self._poller.join(timeout=5)
+            self._poller.join()  # at most one fetch (its ray.get times out after 10 s)
         self._fetch()
+        if self.final is not None and exc[0] is None:
+            self.update(done=self.final, total=max(self.total, self.final))
         self.close(failed=exc[0] is not None)
+
+    def finish(self, done: int) -> None:
+        """What the stage itself counted at its end (its own total of rows, pairs or steps): the
+        last line shows it, whatever task reports were still on their way to the actor."""
+        self.final = int(done)
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):

@@ -40,7 +40,8 @@ from segray.predictions import (
     read_table,
 )
 from segray.preprocess import decode_image, decode_label
-from segray.report import GENERATOR_TAG, REPORT_FILE, Example, software_versions, write_report
+from segray import software_versions
+from segray.report import GENERATOR_TAG, REPORT_FILE, Example, write_report
 from segray.runrecord import RUN_FILE as TRAIN_RUN_FILE
 
 # Small, often occluded classes whose IoU hides how many objects are missed (the CamVid weak spot);
@@ -408,6 +409,12 @@ def build_report(output: str, dest: str, run: str | None = None, title: str = "s
     best = info.metrics.get("best_epoch")
     history = info.metrics.get("history")
     history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
-    return write_report(dest, title=title, cm=cm, history=history, examples=picked,
-                        facts=run_facts(record, info, classes, len(scored), software_versions(), output), sections=sections,
+    versions = software_versions("ray", "torch", "matplotlib")
+    try:
+        facts = run_facts(record, info, classes, len(scored), versions, output)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        # The run's files edited by hand or written by another tool: the report, without their facts.
+        bare = RunInfo(run=info.run, spec=info.spec, note=f"metrics.json/run.json of the run not understood ({e})")
+        facts = run_facts(record, bare, classes, len(scored), versions, output)
+    return write_report(dest, title=title, cm=cm, history=history, examples=picked, facts=facts, sections=sections,
                         classes=classes, best_epoch=best if isinstance(best, int) else None)

@@ -441,6 +441,7 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
     if listing.inputs:
         with console.Progress("infer", "frames", total=0, unit="frame") as shown:
             run = run_pipeline(config, listing, spec, loader, shown.handle)
+            shown.finish(run.frames + run.errors)  # the rows the write tasks wrote
     if config.write_video:
         write_overlays(config, [i.uri for i in listing.inputs if i.kind == sources.KIND_VIDEO], spec.class_table)
     # A first run's totals are the sums its write tasks returned; after a rerun the earlier

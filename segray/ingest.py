@@ -1,6 +1,8 @@
 """How the prepared dataset reaches the training workers: both splits read once by the driver
-into Ray Data blocks in the object store, then split across the workers every epoch (train in
-equal shards, val with every row exactly once). The workers' side is segray/worker.py."""
+into the object store. Val is a Ray Dataset split across the workers every epoch, every row
+exactly once. Train is either one object per rank (shards that fit in memory: the same rows for
+a rank wherever it runs) or a Ray Dataset split in equal shards every epoch (streamed). The
+workers' side is segray/worker.py."""
 
 from __future__ import annotations
 

@@ -17,19 +17,11 @@ from segray.runtime import init_ray
 def add_version(parser) -> None:
     """``--version`` and ``--verbose`` on a job's parser: segray's version, and the Ray and torch
     it runs with; every line Ray prints, and the traceback of a failure."""
-    import importlib.metadata as md
+    from segray import software_versions
 
-    import segray
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
+    v = software_versions("ray", "torch", "av")
     parser.add_argument("--version", action="version",
-                        version=f"segray {segray.__version__} (ray {version('ray')}, torch {version('torch')}, "
-                        f"av {version('av')}, python {sys.version.split()[0]})")
+                        version=f"segray {v['segray']} (" + ", ".join(f"{k} {x}" for k, x in v.items() if k != "segray") + ")")
     parser.add_argument("--verbose", action="store_true",
                         help="show every line Ray prints (its INFO and WARNING lines are hidden by default), "
                         "and the traceback of a failure after its one-line message")

@@ -255,6 +255,7 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
             batch_format="numpy",
         )
         ds = ds.materialize()
+        shown.finish(ds.count())  # a row per pair, good or bad
 
     summary = ds.select_columns([_COL_SPLIT, _COL_ERROR, _COL_COUNTS, _COL_UNMAPPED, _COL_NODE]).to_pandas()
     bad = summary[summary[_COL_ERROR] != ""]

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import html
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
 
+import segray
 from segray import storage
 from segray.classes import ClassTable
 from segray.metrics import confusion_matrix_np, iou_per_class, mean_iou, pixel_accuracy
@@ -83,22 +83,6 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def _swatch(rgb) -> str:
     r, g, b = rgb
     return f'<span class="sw" style="background:rgb({r},{g},{b})"></span>'
-
-
-def software_versions() -> dict[str, str]:
-    """The versions this process runs with: segray, Ray, torch, matplotlib and Python."""
-    import importlib.metadata as md
-
-    import segray
-
-    def version(dist: str) -> str:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    return {"segray": segray.__version__, "ray": version("ray"), "torch": version("torch"),
-            "matplotlib": version("matplotlib"), "python": sys.version.split()[0]}
 
 
 def _table(class_names, palette, void_index: int | None = None) -> ClassTable:
@@ -285,7 +269,7 @@ def write_report(
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>"
         f"<header><h1>{html.escape(title)}</h1><p class='sub'>Semantic segmentation report · "
         f"{table.num_classes} classes · written {written}</p><nav>{nav}</nav></header>\n{body}\n"
-        f"<footer>Written by segray {html.escape(software_versions()['segray'])} on {written}.</footer>"
+        f"<footer>Written by segray {html.escape(segray.__version__)} on {written}.</footer>"
         "</main></body></html>\n"
     )
     uri = storage.join(dest, REPORT_FILE)

@@ -198,8 +198,11 @@ def check_run_folder(run_uri: str) -> None:
     run from before run.json): export writes ``model/`` and ``metrics.json`` there, and nobody's
     files of those names may be overwritten. Event files in ``tensorboard/`` overwrite nothing (each
     training attempt writes a new name, segray/tensorboard.py) and are not counted."""
-    files = [f for f in storage.list_files(run_uri) if ".segray-write-probe-" not in f
-             and storage.relative(run_uri, f).split("/", 1)[0] != TENSORBOARD_DIR]
+    def ours(rel: str) -> bool:  # segray's own probe, or an event file of an earlier attempt
+        return ".segray-write-probe-" in rel or (rel.startswith(f"{TENSORBOARD_DIR}/") and rel.count("/") == 1
+                                                 and rel.split("/")[1].startswith("events.out.tfevents."))
+
+    files = [f for f in storage.list_files(run_uri) if not ours(storage.relative(run_uri, f))]
     if not files:
         return
     tops = {storage.relative(run_uri, f).split("/", 1)[0] for f in files}

@@ -43,9 +43,10 @@ def class_tags(names) -> dict[str, str]:
     out: dict[str, str] = {}
     taken: set[str] = set()
     for i, name in enumerate(names):
-        tag = f"{IOU_GROUP}/{safe_tag(name)}"
-        if tag in taken:
-            tag = f"{tag}_{i}"
+        base = tag = f"{IOU_GROUP}/{safe_tag(name)}"
+        k = i
+        while tag in taken:  # the suffixed form may be taken too ("a_b_2" beside "a b" and "a/b")
+            tag, k = f"{base}_{k}", k + len(names)
         taken.add(tag)
         out[name] = tag
     return out

@@ -400,10 +400,10 @@ def train(config: TrainConfig) -> TrainResult:
     config = dataclasses.replace(config, data=storage.normalize(config.data), storage=storage.normalize(config.storage))
     info = _check_dataset(config)
     check_run_folder(config.run_uri)
-    storage.check_writable(config.run_uri)
     init_ray(gpu=config.use_gpu)
     _check_cluster(config)
     check_shared_storage({"--data": config.data, "--storage": config.storage})
+    storage.check_writable(config.run_uri)  # after the check above: it would create a local run folder
 
     current = recipe(config, info, dataset_sha256(config.data))
     previous, meta = _previous(config, current)  # refuses a resume that would mix two runs
@@ -466,7 +466,8 @@ def train(config: TrainConfig) -> TrainResult:
             checkpoint_every_steps=config.checkpoint_every_steps,
         )
         steps = steps_per_epoch(payload.train_rows, config.num_workers, config.batch_size)
-        at = done * steps + int(meta.get("step", 0) if meta else 0)  # a mid-epoch checkpoint's steps too
+        # A mid-epoch checkpoint's steps too, unless another worker count restarts that epoch.
+        at = done * steps + (int(meta.get("step", 0)) if meta and meta.get("world") == config.num_workers else 0)
         with console.Progress("train", f"epoch {done + 1}/{config.epochs}", config.epochs * steps, "step", at) as shown:
             result = _fit(config, payload, info, shown.handle)
     out = export(config, info, result, start, done_before=done)

@@ -11,13 +11,16 @@ epoch, network, classes, recipe and history; ``meta.json`` the same without tens
 
 Two rules keep DDP in lock-step and make failures cheap:
 
-- *Step parity*: before each step the ranks agree (one tiny all_reduce) that every one of them
-  has a batch; the epoch ends for all at the first rank without one, or at ``steps_per_epoch``.
-  No input path can make one rank wait forever in a step the others never run.
+- *Step parity*: every rank runs exactly ``steps_per_epoch`` steps or, if one runs out of
+  batches first, stops with it. Cached shards have equal rows by construction (segray/ingest.py);
+  streamed ones need not (ray-project/ray#66085), so there the ranks agree before each step (one
+  tiny all_reduce, a host sync on GPU) that every one of them has a batch. No input path can
+  make one rank wait forever in a step the others never run.
 - *Mid-epoch checkpoints* (``--checkpoint-every-steps N``): after every N-th step of an epoch
   (not its last), rank 0 also writes ``checkpoint_epoch_NNNN_step_KKKKKK/`` with the epochs
   done, the K steps done of epoch NNNN, and that epoch's summed loss so far; its val_miou is NaN,
-  so it is never the best, and Ray Train keeps it only while it is the latest. A restart from
+  so it is never exported as the best. Ray Train ranks it last: it stays while it is the latest
+  or among the ``--keep-checkpoints`` best (a run with fewer epochs than that keeps it). A restart from
   it skips the epoch's first K batches: with cached shards (the default below 1 GiB) the same
   batches in the same order, augmented alike (step k's augmentation is seeded by k); with
   streamed shards the first K batches of Ray Data's new pass, which deals rows anew. With
@@ -74,7 +77,7 @@ class WorkerPayload:
     threads: int  # torch threads of a CPU worker
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_weights: tuple[float, ...] | None = None  # None: unweighted cross-entropy
-    cache_shards: bool = False  # keep the shards in memory after epoch 1 (train.shard_cache_fits)
+    cache_shards: bool = False  # shards in memory: train's from ingest.py, val's after epoch 1 (train.shard_cache_fits)
     schedule_knots: tuple[tuple[float, float], ...] = ()  # the run's LR schedule; () = fresh_schedule(epochs)
     recipe: dict | None = None  # what the run is made from (runrecord.recipe); saved in every checkpoint
     config: dict = field(default_factory=dict)  # the command's TrainConfig, as a dict: saved in every checkpoint
@@ -88,7 +91,7 @@ def _say(line: str) -> None:
 
 
 def steps_per_epoch(train_rows: int, world: int, batch_size: int) -> int:
-    """Steps of one epoch on each worker: train is split into equal shards (DataConfig in train.py)."""
+    """Steps of one epoch on each worker: train is split into equal shards (segray/ingest.py)."""
     return max(1, math.ceil((train_rows // world) / batch_size))
 
 
@@ -182,10 +185,12 @@ def train_one_epoch(
     first_step: int = 0,
     totals: torch.Tensor | None = None,
     after_step=None,
+    agree: bool = True,
 ):
     """Steps ``first_step``..``steps - 1`` of one epoch over this worker's shard (``batches``
     holds those steps' batches). Every rank runs the same steps: the epoch ends for all at
-    ``steps`` or as soon as one rank has no batch left. Step k's augmentation draws from a
+    ``steps`` or, with ``agree`` (batch counts that may differ between ranks), as soon as one
+    rank has no batch left. Step k's augmentation draws from a
     generator seeded with (``seed``, k), so a resumed epoch augments its steps as the first pass
     did. ``after_step(k, totals)`` runs after step k (1-based). Returns (loss sum, weight sum,
     images) of this worker, added to ``totals``."""
@@ -196,7 +201,7 @@ def train_one_epoch(
     it = iter(batches)
     for step in range(first_step, steps):
         batch = next(it, None)
-        if not _all_have_a_batch(batch is not None, device):
+        if not (_all_have_a_batch(batch is not None, device) if agree else batch is not None):
             break
         x, y = batch
         if augmentation.enabled:
@@ -312,9 +317,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def batches_of(split: str, shard, shuffle_seed: int | None, skip: int = 0):
         """One pass over this worker's ``split``, without its first ``skip`` batches (a resumed
-        epoch): from memory when shards are cached (read in full on first use, reshuffled with
-        ``shuffle_seed``: the same order again), else streamed through Ray Data (its first
-        ``skip`` batches read and dropped; Ray Data deals rows anew on every pass)."""
+        epoch): from memory when shards are cached (train's from its object, val's read in full
+        on first use; reshuffled with ``shuffle_seed``: the same order again), else streamed
+        through Ray Data (its first ``skip`` batches read and dropped; rows dealt anew each pass)."""
         if not p.cache_shards:
             return itertools.islice(_batches(shard, p, device, on_gpu, shuffle_seed), skip, None)
         if split not in cached:
@@ -354,6 +359,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t0 = time.perf_counter()
         first = start_step if epoch == start_epoch + 1 else 0
         before = partial if first else None  # what the steps before `first` summed, and their time
+        carried_s = before[3] if before else 0.0
         lr_start = optimizer.param_groups[0]["lr"]
         batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(p.seed, rank, epoch, 1), skip=first)
 
@@ -361,7 +367,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             console.report_position(progress, (epoch - 1) * steps + k, f"epoch {epoch}/{p.epochs}")
             if p.checkpoint_every_steps and k % p.checkpoint_every_steps == 0 and k < steps:
                 sums = _all_reduce(totals.clone()).tolist()  # every rank's, so that rank 0 keeps them all
-                seconds = time.perf_counter() - t0 + (before[3] if before else 0.0)
+                seconds = time.perf_counter() - t0 + carried_s
                 metrics = {"epoch": epoch - 1, "step": k, SCORE: float("nan")}  # never the best checkpoint
                 keep = state_of(epoch - 1, k, sums + [seconds]) if rank == 0 else None
                 report(metrics, f"{CHECKPOINT_PREFIX}{epoch:04d}_step_{k:06d}", keep)
@@ -371,16 +377,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_totals = _all_reduce(
             train_one_epoch(
                 model, optimizer, scheduler, batches, weight, _seed_for(p.seed, rank, epoch), p.augmentation, device,
-                p.void_index, steps, first, totals, after_step,
+                p.void_index, steps, first, totals, after_step, agree=not p.cache_shards,
             )
         )
-        train_time = time.perf_counter() - t0 + (before[3] if before else 0.0)
+        train_time = time.perf_counter() - t0 + carried_s
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
         cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
                                 p.void_index)
         # Counts and sums from every worker first; ratios only after (metrics.py).
         cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
-        epoch_time = time.perf_counter() - t0 + (before[3] if before else 0.0)
+        epoch_time = time.perf_counter() - t0 + carried_s
         scores = summarize(cm, p.classes)
         train_loss, train_weight, images = train_totals.tolist()
         val_sum, val_weight = val_loss.tolist()

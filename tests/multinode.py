@@ -56,7 +56,10 @@ class MultiNodeCluster:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self._replies.put(json.loads(line))
+            try:
+                self._replies.put(json.loads(line))
+            except ValueError:  # a line that is not the holder's (something printed on its stdout)
+                continue
         self._replies.put(None)
 
     def _reply(self, timeout: float) -> dict:

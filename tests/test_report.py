@@ -248,6 +248,19 @@ def test_report_has_every_section_the_runs_facts_and_no_local_paths(tmp_path):
         assert w >= 2 * 320 and h > w * H / W  # two panels a row, two rows (frame, label / prediction, errors)
 
 
+def test_a_runs_files_with_odd_values_leave_out_their_facts_not_the_report(tmp_path):
+    run = make_run(tmp_path)
+    out = make_output(tmp_path, run, frames=2)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["dataset"]["splits"] = {"train": "forty"}  # written by hand or another tool
+    metrics["recipe"]["scale_range"] = [0.5]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    page = Path(build_report(str(out), str(tmp_path / "r"))).read_text()
+    facts = section(page, "summary")
+    assert "not understood" in facts and "unet (base_channels=8, depth=2)" in facts and "forty" not in facts
+    assert "<h2>Confusion matrix</h2>" in page
+
+
 def test_a_model_changed_since_infer_is_not_reported_as_the_predictions_model(tmp_path):
     run = make_run(tmp_path)
     out = make_output(tmp_path, run, frames=2)

@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         train(config)
 
     # train() connects to Ray itself, after the checks that need no cluster.
-    verbose = "--verbose" in (sys.argv[1:] if argv is None else argv)  # known before the parse, which runs in the job
+    pre = argparse.ArgumentParser(add_help=False)  # --verbose (or an abbreviation) before the parse, which runs in the job
+    pre.add_argument("--verbose", action="store_true")
+    verbose = pre.parse_known_args(argv)[0].verbose
     return run_job("train", body, connect=False, preflight=parse, verbose=verbose)
 
 
