@@ -171,6 +171,17 @@ def _node_ids(mine: str, world: int) -> list[str]:
     return [str(n) for n in out]
 
 
+def _rank0_buffers(net) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics): each rank updated its
+    own in its last training forward, and validation must score one model, the one rank 0
+    checkpoints and exports, whichever val rows Ray Data deals to which rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in net.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def train_one_epoch(
     model,
     optimizer,
@@ -382,6 +393,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         train_time = time.perf_counter() - t0 + carried_s
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
+        _rank0_buffers(net)
         cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
                                 p.void_index)
         # Counts and sums from every worker first; ratios only after (metrics.py).
