@@ -7,7 +7,8 @@ raylet with its own CPUs (ray.cluster_utils.Cluster), token authentication on.
 
 It prints the cluster's address and how to run the jobs against it, then holds the cluster
 until Ctrl-C or SIGTERM (or `--stop` from another shell), and stops exactly its own processes
-(never `ray stop`, which would end every Ray process of the user on the machine). With the
+(by the pids it started, never by a command that stops every Ray process of the user on the
+machine). With the
 head's 0 CPUs (the default) all the work lands on the worker nodes, as on a real cluster whose
 head only runs the GCS and the drivers.
 

@@ -34,6 +34,21 @@ def tar_bytes(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def latest_registered_checkpoint(run: str) -> str:
+    """The checkpoint folder Ray Train's controller registered last in ``run`` ("" before any):
+    it registers a reported checkpoint when it polls the workers and records it in its
+    snapshot, and a restart starts from that one (docs/scaling.md, "The exact resume rule")."""
+    import json
+
+    from segray import storage
+
+    try:
+        snapshot = json.loads(storage.read_bytes(f"{run}/checkpoint_manager_snapshot.json"))
+    except Exception:  # noqa: BLE001 - not written yet
+        return ""
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

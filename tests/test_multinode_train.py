@@ -18,7 +18,7 @@ import pytest
 
 from segray import storage
 
-from conftest import BUCKET, REPO
+from conftest import BUCKET, REPO, latest_registered_checkpoint
 from multinode import start_cluster
 
 pytestmark = pytest.mark.slow
@@ -69,15 +69,6 @@ def test_training_puts_one_worker_on_each_node_and_equals_a_single_node_run(prep
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def latest_registered(run: str) -> str:
-    """The checkpoint Ray Train's controller registered last (a restart starts from it)."""
-    try:
-        snapshot = json.loads(storage.read_bytes(f"{run}/checkpoint_manager_snapshot.json"))
-    except Exception:  # noqa: BLE001 - not written yet
-        return ""
-    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
-
-
 def test_a_lost_node_costs_at_most_a_few_steps_and_the_run_finishes_once(prepared, tmp_path):
     """A worker node removed right after a mid-epoch checkpoint of epoch 2 registered: the run
     waits for a node (the one left has one CPU, the run needs two), resumes at that checkpoint's
@@ -91,10 +82,10 @@ def test_a_lost_node_costs_at_most_a_few_steps_and_the_run_finishes_once(prepare
             cwd=REPO, env=cluster.env(SEGRAY_PROGRESS_INTERVAL="0.5"), stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.monotonic() + 600
-            while not latest_registered(run).startswith("checkpoint_epoch_0002_step_"):
+            while not latest_registered_checkpoint(run).startswith("checkpoint_epoch_0002_step_"):
                 assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
                 time.sleep(0.2)
-            registered = latest_registered(run)
+            registered = latest_registered_checkpoint(run)
             shown = re.findall(r"train: epoch 2/3: +\d+% (\d+)/60 ", log.read_text())
             at_loss = int(shown[-1]) if shown else None  # steps done in all, as last shown (0.5 s old at most)
             victim = cluster.workers[-1]["node_id"]

@@ -26,7 +26,7 @@ import uuid
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import BUCKET, REPO
+from conftest import BUCKET, REPO, latest_registered_checkpoint
 
 from segray import storage
 
@@ -218,13 +218,7 @@ def test_killed_train_worker_with_step_checkpoints_resumes_within_the_epoch(prep
     registered: list[int] = []
 
     def a_step_checkpoint_of_epoch_2_registered() -> bool:
-        # Ray Train's controller registers a reported checkpoint when it polls the workers, and
-        # records it in its snapshot: a restart starts from the latest one registered there.
-        try:
-            snapshot = json.loads(storage.read_bytes(f"{run}/checkpoint_manager_snapshot.json"))
-        except Exception:  # noqa: BLE001 - not written yet
-            return False
-        name = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
+        name = latest_registered_checkpoint(run)  # a restart starts from it
         if name.startswith("checkpoint_epoch_0002_step_"):
             registered.append(int(name.rsplit("_", 1)[1]))
         return bool(registered)
