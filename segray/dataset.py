@@ -89,6 +89,11 @@ class DatasetInfo:
     # Where the pairs were processed: Ray node id -> pairs (bad ones included). A record of the run,
     # not of the data: two prepares of one source differ here and in ``files`` only.
     nodes: dict[str, int] = field(default_factory=dict)
+    # How the source's train and val were split again (prepare --holdout, --train-on-val): the
+    # held-out name prefixes (val), and whether train also holds every val frame (then val
+    # measures fit, not generalisation: train --export last picks the final epoch instead).
+    holdout: list[str] = field(default_factory=list)
+    val_in_train: bool = False
     format: str = FORMAT
     schema: dict[str, str] = field(default_factory=lambda: {f.name: str(f.type) for f in SCHEMA})
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from segray.errors import SegrayError
 from segray import storage
@@ -188,3 +188,66 @@ def label_color_table(labels_root: str | None) -> tuple:
         if storage.exists(uri):
             return tuple(sorted(parse_label_colors(storage.read_bytes(uri).decode("utf-8", "replace"), uri).items()))
     return tuple(sorted((rgb, ORIGINAL_TO_11[name]) for rgb, name in ORIGINAL_COLORS))
+
+
+def parse_holdout(text: str) -> tuple[str, ...]:
+    """``--holdout`` as given: comma-separated name prefixes (``0006R0`` or ``0006R0,0001TP``), or
+    ``@URI`` of a file with one name or prefix a line (blank lines and ``#`` comments skipped)."""
+    if text.startswith("@"):
+        uri = text[1:]
+        try:
+            raw = storage.read_bytes(uri).decode("utf-8")
+        except (storage.StorageError, UnicodeDecodeError) as e:
+            raise LayoutError(f"--holdout {text}: cannot read the list ({e}); pass @FILE with one name a line") from None
+        entries = [line.split("#", 1)[0].strip() for line in raw.splitlines()]
+    else:
+        entries = [e.strip() for e in text.split(",")]
+    entries = tuple(dict.fromkeys(e for e in entries if e))
+    if not entries:
+        raise LayoutError(f"--holdout {text!r} names nothing; pass name prefixes such as 0006R0, or @FILE")
+    return entries
+
+
+def _held_out(name: str, holdout: tuple[str, ...]) -> bool:
+    base = posixpath.basename(name)
+    return any(name.startswith(e) or base.startswith(e) for e in holdout)
+
+
+def resplit(layout: Layout, holdout: tuple[str, ...] = (), train_on_val: bool = False) -> Layout:
+    """The layout with its train and val pairs split again (docs/design.md, "Validation on unseen streets").
+
+    ``holdout``: name prefixes (a CamVid sequence such as ``0006R0``) or names. Every train or val
+    pair whose name (its path below the split folder, without extension), or whose file name,
+    starts with one of them becomes val; every other train or val pair becomes train, so that
+    the model never sees a frame of a held-out sequence. Test pairs stay test.
+    ``train_on_val``: train also gets every val pair (after the holdout, if any); val stays as it
+    is, a record of fit rather than a held-out measure. For a final model trained with an epoch
+    count fixed beforehand (``jobs/train.py --export last``).
+    Raises LayoutError for an entry that matches no pair (a typo would otherwise validate on
+    nothing new), for an empty train or val, and for a name in two splits that would meet."""
+    if not holdout and not train_on_val:
+        return layout
+    pairs = list(layout.pairs)
+    pool = [p for p in pairs if p.split in ("train", "val")]
+    seen: dict[str, str] = {}
+    for p in pool:
+        if p.name in seen:
+            raise LayoutError(f"{p.name} is in both {seen[p.name]}/ and {p.split}/ of the source: --holdout or "
+                              "--train-on-val would put the two into one split; rename one of them")
+        seen[p.name] = p.split
+    if holdout:
+        for entry in holdout:
+            if not any(_held_out(p.name, (entry,)) for p in pool):
+                examples = ", ".join(sorted({posixpath.basename(p.name) for p in pool})[:3])
+                raise LayoutError(f"--holdout {entry!r} matches no train or val frame (names look like {examples})")
+        pairs = [Pair("val" if _held_out(p.name, holdout) else "train", p.name, p.image, p.label)
+                 if p.split in ("train", "val") else p for p in pairs]
+    counts = {s: sum(p.split == s for p in pairs) for s in ("train", "val")}
+    for split, n in counts.items():
+        if n == 0:
+            raise LayoutError(f"no {split} frame left{' after --holdout' if holdout else ''}: train and val both need "
+                              "frames; hold out fewer sequences")
+    if train_on_val:
+        pairs += [Pair("train", p.name, p.image, p.label) for p in pairs if p.split == "val"]
+    order = {s: i for i, s in enumerate(SPLITS)}
+    return replace(layout, pairs=tuple(sorted(pairs, key=lambda p: (order[p.split], p.name))))

@@ -76,7 +76,7 @@ from segray.destination import (
     check_dest_outside_source,
     is_manifest,
 )
-from segray.layout import ORIGINAL, SPLITS, Layout, detect
+from segray.layout import ORIGINAL, SPLITS, Layout, detect, resplit
 from segray.preprocess import (
     BadInputError,
     color_lookup,
@@ -106,6 +106,8 @@ class PrepareConfig:
     dest: str
     size: tuple[int, int] | None = None  # (height, width); None: the first image's size
     skip_bad: bool = False
+    holdout: tuple[str, ...] = ()  # name prefixes (sequences) of the train and val frames that become val
+    train_on_val: bool = False  # train also gets every val frame (a final model; val then measures fit)
 
     def __post_init__(self) -> None:
         for flag, value in (("--source", self.source), ("--dest", self.dest)):
@@ -230,7 +232,7 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
     config = check_paths(config)  # reads only: nothing is written or deleted before it passes
     # Tasks on other machines would read and write their own disks: local paths need one machine.
     check_shared_storage({"--source": config.source, "--dest": config.dest})
-    layout: Layout = detect(config.source)
+    layout: Layout = resplit(detect(config.source), config.holdout, config.train_on_val)
     size = config.size or _first_image_size(layout.pairs[0].image)
     counts = layout.split_counts()
     print(
@@ -239,6 +241,12 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
         f"{' (classes.json)' if layout.classes != CAMVID else ''}, resizing to {size[0]}x{size[1]}",
         flush=True,
     )
+    if config.holdout:
+        print(f"prepare: --holdout {','.join(config.holdout)}: val is the {counts.get('val', 0)} train and val frames "
+              "whose names start with it, train the others", flush=True)
+    if config.train_on_val:
+        print("prepare: --train-on-val: train also holds every val frame; val no longer measures generalisation",
+              flush=True)
     if layout.ignored_files:
         print(f"prepare: ignored {layout.ignored_files} files that are not PNG/JPEG images", flush=True)
     storage.check_writable(config.dest)  # writes and deletes only its own probe
@@ -336,6 +344,8 @@ def prepare(config: PrepareConfig) -> DatasetInfo:
             skipped=sorted(bad[_COL_ERROR].tolist()),
             files=files,
             nodes={str(k): int(v) for k, v in sorted(summary[_COL_NODE].value_counts().items()) if k},
+            holdout=list(config.holdout),
+            val_in_train=config.train_on_val,
             **classes.to_fields(),
         )
         write_info(config.dest, info)  # the swap: from now on the new dataset is the dataset

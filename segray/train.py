@@ -78,6 +78,11 @@ METRICS_FILE = "metrics.json"
 # jobs/train.py takes SEGRAY_SHARD_CACHE_BYTES from the environment (0: stream every epoch).
 CACHE_SHARD_MAX_BYTES = 1024**3
 
+# Which epoch's checkpoint becomes model/: the best by val mIoU, the last one, or (auto) the best
+# unless the dataset's val frames are also in train (prepare --train-on-val), where val measures
+# fit and a final model is the last epoch of a count fixed beforehand.
+EXPORTS: tuple[str, ...] = ("auto", "best", "last")
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -112,6 +117,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # best by val mIoU (the latest is always kept too)
     shard_cache_bytes: int = CACHE_SHARD_MAX_BYTES  # workers keep shards up to this size in memory; 0: stream
     checkpoint_every_steps: int | None = None  # a checkpoint every N steps within an epoch too
+    export: str = "auto"  # which epoch becomes model/: EXPORTS
 
     def __post_init__(self) -> None:
         for flag, value in (("--data", self.data), ("--storage", self.storage)):
@@ -141,6 +147,8 @@ class TrainConfig:
             raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if self.lr_schedule not in SCHEDULES:
             raise TrainError(f"--lr-schedule {self.lr_schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
+        if self.export not in EXPORTS:
+            raise TrainError(f"--export {self.export!r} is unknown; valid: {', '.join(EXPORTS)}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
             raise TrainError(
                 f"--class-weighting {self.class_weighting!r} is unknown; valid: {', '.join(CLASS_WEIGHTINGS)}"
@@ -198,6 +206,7 @@ class TrainResult:
     best: dict  # the history entry of best_epoch
     epochs_this_run: int
     elapsed_s: float
+    exported_epoch: int = 0  # the epoch model/ holds: best_epoch, or the last with --export last
 
 
 # ------------------------------------------------------------------------- the driver side
@@ -346,9 +355,22 @@ def _best(result) -> tuple:
     return max(scored, key=lambda cm: (finite(cm[1][SCORE], -1.0), cm[1].get("epoch", 0)))
 
 
+def export_rule(config: TrainConfig, info: DatasetInfo) -> str:
+    """``best`` or ``last``: what ``--export`` (EXPORTS) means for this dataset."""
+    if config.export == "auto":
+        return "last" if info.val_in_train else "best"
+    return config.export
+
+
 def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_before: int) -> TrainResult:
-    """Best checkpoint -> ``<run>/model/`` (modelio); history -> ``<run>/metrics.json``."""
-    best_ckpt, _ = _best(result)
+    """The best (or, by ``--export``, the last) epoch's checkpoint -> ``<run>/model/`` (modelio);
+    history -> ``<run>/metrics.json``."""
+    rule = export_rule(config, info)
+    if rule == "last":
+        epochs = [(c, m) for c, m in result.best_checkpoints if m and not m.get("step")]
+        best_ckpt, _ = max(epochs, key=lambda cm: cm[1].get("epoch", 0))
+    else:
+        best_ckpt, _ = _best(result)
     with best_ckpt.filesystem.open_input_stream(f"{best_ckpt.path}/{CHECKPOINT_FILE}") as f:
         state = modelio.load_tensors(f.read(), f"{best_ckpt.path}/{CHECKPOINT_FILE}")
     spec = modelio.ModelSpec(
@@ -365,7 +387,8 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
 
     latest = _read_json(result.checkpoint, CHECKPOINT_META)
     history = latest["history"]  # the latest knows every epoch
-    best = next(h for h in history if h["epoch"] == state["epoch"])
+    exported = next(h for h in history if h["epoch"] == state["epoch"])
+    best = max(history, key=lambda h: (finite(h.get(SCORE), -1.0), h["epoch"])) if rule == "last" else exported
     elapsed = time.perf_counter() - start
     doc = {
         "run": config.run_uri,
@@ -375,6 +398,7 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
         "best_epoch": best["epoch"],
         "best": best,
         "final": history[-1],
+        "exported": {"rule": rule, "epoch": exported["epoch"], "val_in_train": info.val_in_train},
         "history": history,
         "config": config.to_dict(),
         "recipe": latest.get("recipe"),  # what the run is made from (module docstring)
@@ -386,7 +410,8 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
     }
     storage.write_bytes(storage.join(config.run_uri, METRICS_FILE),
                         (json.dumps(jsonable(doc), indent=2) + "\n").encode())
-    return TrainResult(config.run_uri, model_uri, history, best["epoch"], best, len(history) - done_before, elapsed)
+    return TrainResult(config.run_uri, model_uri, history, best["epoch"], best, len(history) - done_before, elapsed,
+                       exported["epoch"])
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -417,6 +442,9 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         knots = fresh_schedule(config.epochs)
     weights = class_weights(config.class_weighting, info.class_pixel_counts)
+    if info.val_in_train:
+        print(f"train: {config.data} holds its val frames in train (prepare --train-on-val): val measures fit, not "
+              f"unseen frames; model/ will be the {export_rule(config, info)} epoch", flush=True)
     print(
         f"train: {config.data} (train {info.splits[TRAIN_SPLIT]}, val {info.splits[VAL_SPLIT]} at "
         f"{info.height}x{info.width}) -> {config.run_uri}; {config.num_workers} worker{'s' if config.num_workers > 1 else ''}"
@@ -477,8 +505,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 def format_summary(r: TrainResult) -> str:
     b = r.best
+    last = f"; exported the last epoch, {r.exported_epoch}" if r.exported_epoch not in (0, r.best_epoch) else ""
     return (
         f"train: done: best val mIoU {b[SCORE]:.4f} at epoch {r.best_epoch} (pixel accuracy "
-        f"{b['val_pixel_accuracy']:.4f}); {len(r.history)} epochs ({r.epochs_this_run} this run) in "
+        f"{b['val_pixel_accuracy']:.4f}){last}; {len(r.history)} epochs ({r.epochs_this_run} this run) in "
         f"{r.elapsed_s:.1f} s; model: {r.model}"
     )

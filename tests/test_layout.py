@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from segray.layout import ORIGINAL, SEGNET, LayoutError, detect, split_of
+from segray.layout import ORIGINAL, SEGNET, LayoutError, detect, parse_holdout, resplit, split_of
 
 
 def touch(root: Path, *rels: str) -> None:
@@ -77,3 +77,73 @@ def test_neither_layout_says_what_was_found(tmp_path):
 def test_empty_source(tmp_path):
     with pytest.raises(LayoutError, match="no files found"):
         detect(str(tmp_path / "nothing"))
+
+
+# --- prepare --holdout / --train-on-val (layout.resplit) ---
+
+def _camvid_like(tmp_path):
+    touch(tmp_path, "train/0001TP_006690.png", "trainannot/0001TP_006690.png",
+          "train/0006R0_f02430.png", "trainannot/0006R0_f02430.png",
+          "train/0016E5_00390.png", "trainannot/0016E5_00390.png",
+          "val/0016E5_07959.png", "valannot/0016E5_07959.png",
+          "test/0006R0_f03000.png", "testannot/0006R0_f03000.png",
+          "test/Seq05VD_f00000.png", "testannot/Seq05VD_f00000.png")
+    return detect(str(tmp_path))
+
+
+def splits(layout):
+    return [(p.split, p.name) for p in layout.pairs]
+
+
+def test_holdout_moves_a_whole_sequence_of_train_and_val_to_val(tmp_path):
+    layout = _camvid_like(tmp_path)
+    out = resplit(layout, ("0006R0",))
+    # The held-out sequence's train frame is val; the old val frame (another sequence) is train;
+    # test is untouched, even its 0006R0 frame.
+    assert splits(out) == [("train", "0001TP_006690"), ("train", "0016E5_00390"), ("train", "0016E5_07959"),
+                           ("val", "0006R0_f02430"), ("test", "0006R0_f03000"), ("test", "Seq05VD_f00000")]
+    moved = {p.name: p for p in out.pairs}
+    assert moved["0016E5_07959"].image == str(tmp_path / "val/0016E5_07959.png")  # files stay where they are
+    assert resplit(layout) is layout
+    # Two prefixes, and a list of exact names, give val exactly those.
+    assert [n for s, n in splits(resplit(layout, ("0006R0", "0001TP"))) if s == "val"] == ["0001TP_006690",
+                                                                                          "0006R0_f02430"]
+    assert [n for s, n in splits(resplit(layout, ("0016E5_07959",))) if s == "val"] == ["0016E5_07959"]
+
+
+def test_train_on_val_adds_val_to_train_and_keeps_val(tmp_path):
+    layout = _camvid_like(tmp_path)
+    out = resplit(layout, ("0006R0",), train_on_val=True)
+    train = [n for s, n in splits(out) if s == "train"]
+    assert train == ["0001TP_006690", "0006R0_f02430", "0016E5_00390", "0016E5_07959"]
+    assert [n for s, n in splits(out) if s == "val"] == ["0006R0_f02430"]
+    assert [n for s, n in splits(resplit(layout, train_on_val=True)) if s == "train"] == [
+        "0001TP_006690", "0006R0_f02430", "0016E5_00390", "0016E5_07959"]
+
+
+def test_holdout_refusals_name_the_entry(tmp_path):
+    layout = _camvid_like(tmp_path)
+    with pytest.raises(LayoutError, match=r"--holdout '0006RO' matches no train or val frame \(names look like 0001TP"):
+        resplit(layout, ("0006R0", "0006RO"))
+    with pytest.raises(LayoutError, match="no train frame left after --holdout"):
+        resplit(layout, ("0001TP", "0006R0", "0016E5"))
+    with pytest.raises(LayoutError, match="matches no train or val frame"):
+        resplit(layout, ("Seq05VD",))  # test frames are never moved
+
+
+def test_holdout_refuses_a_name_in_two_splits(tmp_path):
+    touch(tmp_path, "train/a.png", "trainannot/a.png", "val/a.png", "valannot/a.png", "val/b.png", "valannot/b.png")
+    with pytest.raises(LayoutError, match=r"a is in both train/ and val/ of the source"):
+        resplit(detect(str(tmp_path)), ("b",))
+
+
+def test_parse_holdout(tmp_path):
+    assert parse_holdout("0006R0") == ("0006R0",)
+    assert parse_holdout(" 0006R0, 0001TP ,0006R0") == ("0006R0", "0001TP")
+    listing = tmp_path / "val.txt"
+    listing.write_text("# held-out frames\n0006R0_f02430\n\n0001TP  # a sequence\n")
+    assert parse_holdout(f"@{listing}") == ("0006R0_f02430", "0001TP")
+    with pytest.raises(LayoutError, match="names nothing"):
+        parse_holdout(" , ")
+    with pytest.raises(LayoutError, match=r"--holdout @.*missing.txt: cannot read the list"):
+        parse_holdout(f"@{tmp_path / 'missing.txt'}")

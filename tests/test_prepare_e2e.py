@@ -151,3 +151,32 @@ def test_empty_or_foreign_source(run_job, s3_prefix, tmp_path):
     (tmp_path / "src" / "photos" / "cat.png").write_bytes(png_bytes(np.zeros((4, 4, 3), np.uint8)))
     proc = run_job("prepare", "--source", str(tmp_path / "src"), "--dest", str(tmp_path / "out"))
     assert proc.returncode == 1 and "neither CamVid layout" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_holdout_list_from_s3_and_train_on_val(run_job, s3_prefix):
+    """--holdout @FILE (on S3): exactly the listed frames are val; the old val frames train too;
+    --train-on-val puts every val frame in train as well; dataset.json records both."""
+    src, dest = f"{s3_prefix}/camvid", f"{s3_prefix}/prepared"
+    write_dataset(src, layout="segnet", counts={"train": 6, "val": 2}, size=(32, 48), seed=3)
+    names = sorted(storage.relative(f"{src}/train", u)[:-4] for u in storage.list_files(f"{src}/train"))
+    old_val = sorted(storage.relative(f"{src}/val", u)[:-4] for u in storage.list_files(f"{src}/val"))
+    held = names[1:3]
+    storage.write_bytes(f"{s3_prefix}/holdout.txt", ("# unseen\n" + "\n".join(held) + "\n").encode())
+    proc = run_job("prepare", "--source", src, "--dest", dest, "--holdout", f"@{s3_prefix}/holdout.txt",
+                   "--train-on-val")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = read_info(dest)
+    assert info["splits"] == {"train": 8, "val": 2} and info["holdout"] == held and info["val_in_train"] is True
+    val = read_split(dest, "val").to_pydict()
+    assert sorted(val["name"]) == held
+    assert all(s.startswith(f"{src}/train/") for s in val["source"])  # held-out frames come from train/
+    train = read_split(dest, "train").to_pydict()
+    assert sorted(train["name"]) == sorted(set(names) - set(held) | set(old_val) | set(held))
+    counts = np.zeros(12, np.int64)
+    for label in train["label"]:
+        counts += np.bincount(np.frombuffer(label, np.uint8), minlength=12)
+    assert info["class_pixel_counts"] == counts[:11].tolist()  # the class weights see what train holds
+
+    bad = run_job("prepare", "--source", src, "--dest", f"{s3_prefix}/other", "--holdout", "Seq99")
+    assert bad.returncode == 1 and "--holdout 'Seq99' matches no train or val frame" in bad.stderr
+    assert not storage.list_files(f"{s3_prefix}/other")

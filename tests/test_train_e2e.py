@@ -179,6 +179,17 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     assert json.loads(storage.read_bytes(f"{run}/metrics.json"))["history"] == m2["history"]
     assert len(storage.list_files(f"{run}/tensorboard")) == (2 if importlib.util.find_spec("tensorboard") else 0)
 
+    # --export last (a final model trained with a fixed epoch count, e.g. on train+val): model/
+    # becomes epoch 5's weights, whichever epoch scored best; no worker starts.
+    last = run_job("train", "--recipe", f"{run}/config.yaml", "--export", "last", check=True)
+    assert epochs_trained(last) == []
+    m3 = json.loads(storage.read_bytes(f"{run}/metrics.json"))
+    assert m3["exported"] == {"rule": "last", "epoch": 5, "val_in_train": False} and m3["best"] == m2["best"]
+    state = modelio.load_tensors(storage.read_bytes(f"{run}/checkpoint_epoch_0005/state.pt"), "state.pt")
+    exported = modelio.load_model(run)[0].state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in state["model"].items()), "model/ is not epoch 5"
+    assert m2["exported"]["rule"] == "best" and m2["exported"]["epoch"] == m2["best_epoch"]
+
     # Another width under the same name is refused: the checkpoint could not be loaded.
     other = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "6",
                     "--base-channels", "16")

@@ -34,14 +34,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-bad", action="store_true",
                         help="leave out unreadable or inconsistent pairs (listed in dataset.json) instead of failing; "
                         "still fails if no pair, or no pair of a split, is left")
+    parser.add_argument("--holdout", default=None, metavar="PREFIXES",
+                        help="validate on unseen streets: the train and val frames whose names start with one of "
+                        "these comma-separated prefixes (CamVid sequences, e.g. 0006R0) become val, all other train "
+                        "and val frames train; @FILE reads one name or prefix a line (local or s3://)")
+    parser.add_argument("--train-on-val", action="store_true",
+                        help="train also gets every val frame (val stays, as a measure of fit): for a final model "
+                        "with an epoch count fixed beforehand (jobs/train.py exports its last epoch then)")
     add_version(parser)
     args = parser.parse_args(argv)
 
+    from segray.layout import parse_holdout
     from segray.prepare import PrepareConfig, check_paths, prepare
 
-    config = PrepareConfig(source=args.source, dest=args.dest, size=args.size, skip_bad=args.skip_bad)
-    # A --dest that prepare must not write into is refused before connecting to Ray.
-    return run_job("prepare", lambda: prepare(config), preflight=lambda: check_paths(config), verbose=args.verbose)
+    config: list[PrepareConfig] = []
+
+    def preflight() -> None:
+        # A bad flag, an unreadable --holdout list or a --dest that prepare must not write into
+        # is refused before connecting to Ray.
+        holdout = parse_holdout(args.holdout) if args.holdout is not None else ()
+        config.append(check_paths(PrepareConfig(source=args.source, dest=args.dest, size=args.size,
+                                                skip_bad=args.skip_bad, holdout=holdout,
+                                                train_on_val=args.train_on_val)))
+
+    return run_job("prepare", lambda: prepare(config[0]), preflight=preflight, verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 
 from segray.jobs import add_version, defaults, run_job
 from segray.preprocess import parse_size
-from segray.train import CLASS_WEIGHTINGS, SCHEDULES, TrainConfig, TrainError
+from segray.train import CLASS_WEIGHTINGS, EXPORTS, SCHEDULES, TrainConfig, TrainError
 
 D = defaults(TrainConfig)  # every flag's default comes from TrainConfig
 A = D["augmentation"]  # and every augmentation setting's from recipe.Augmentation
@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also checkpoint every N training steps within an epoch, so that a lost worker or node "
                         "costs at most N steps (a restart resumes at the step after the checkpoint; default: at the "
                         "end of each epoch only)")
+    parser.add_argument("--export", choices=EXPORTS, default=D["export"],
+                        help="the epoch model/ holds: best (by val mIoU), last, or auto (default): best, unless the "
+                        "dataset's val frames are also in train (prepare --train-on-val), then last")
     add_version(parser)
     return parser
 
