@@ -5,7 +5,21 @@
 
     IoU_c    = cm[c, c] / (row_c + col_c - cm[c, c])
     mIoU     = mean of IoU_c over classes with row_c + col_c - cm[c, c] > 0
-    accuracy = trace / total
+    accuracy = trace / total                                  (pixel accuracy)
+    acc_c    = cm[c, c] / row_c                               (class accuracy: the class's recall)
+    mAcc     = mean of acc_c over classes with row_c > 0      (mean class accuracy)
+    Dice_c   = 2 cm[c, c] / (row_c + col_c)                   (per-class Dice, i.e. F1)
+    mDice    = mean of Dice_c over classes with row_c + col_c > 0
+    fwIoU    = sum over classes with row_c > 0 of (row_c / total) * IoU_c
+
+row_c = sum_j cm[c, j] (labelled pixels of c), col_c = sum_i cm[i, c] (pixels predicted as c at
+labelled pixels), total = sum of cm. A ratio whose denominator is 0 is undefined (NaN, None in
+``summarize``), never 0 or 1, and stays out of its mean; a mean with nothing to average, and
+every figure of an all-zero matrix, is NaN. So a class absent from the labels has no accuracy;
+absent from the labels but predicted, it has IoU 0 and Dice 0 (both in their means) and weight 0
+in fwIoU; absent from both, no IoU and no Dice. Dice_c = 2 IoU_c / (1 + IoU_c) for every class,
+but mDice is not a function of mIoU (the mean is taken after the ratio). Pixel accuracy and fwIoU
+weigh classes by their labelled pixels; mIoU, mAcc and mDice weigh every class present alike.
 
 Never average per-batch or per-image ratios: small images and batches without a class would
 weigh as much as full ones.
@@ -110,20 +124,73 @@ def iou_per_class(cm: np.ndarray | torch.Tensor) -> np.ndarray:
     """
     cm = _as_numpy(cm).astype(np.float64)
     intersection = np.diag(cm)
-    union = cm.sum(axis=1) + cm.sum(axis=0) - intersection
-    iou = np.full(cm.shape[0], np.nan, dtype=np.float64)
-    np.divide(intersection, union, out=iou, where=union > 0)
-    return iou
+    return _ratio(intersection, cm.sum(axis=1) + cm.sum(axis=0) - intersection)
+
+
+def _defined_mean(values: np.ndarray) -> float:
+    """Mean of the values that are not NaN; NaN when none is (not a warning)."""
+    defined = ~np.isnan(values)
+    # Checked by hand because np.nanmean of all-NaN warns ("Mean of empty slice").
+    if not defined.any():
+        return float("nan")
+    return float(values[defined].mean())
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator as float64, NaN where the denominator is 0 (undefined, not 0)."""
+    out = np.full(numerator.shape, np.nan, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
 
 
 def mean_iou(cm: np.ndarray | torch.Tensor) -> float:
     """Mean IoU over classes with a nonzero union; NaN if there is none (e.g. an all-void image)."""
-    iou = iou_per_class(cm)
-    present = ~np.isnan(iou)
-    # Checked by hand because np.nanmean of all-NaN warns ("Mean of empty slice").
-    if not present.any():
+    return _defined_mean(iou_per_class(cm))
+
+
+def class_accuracy(cm: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(C,) float64 accuracy per class, cm[c, c] / row_c (the class's recall); NaN for a class
+    absent from the labels.
+
+    A class nobody labelled has no pixels to get right: NaN keeps it out of the mean, where a 0
+    would punish the model for the data and a 1 would reward it for nothing.
+    """
+    cm = _as_numpy(cm).astype(np.float64)
+    return _ratio(np.diag(cm), cm.sum(axis=1))
+
+
+def mean_class_accuracy(cm: np.ndarray | torch.Tensor) -> float:
+    """Mean of the class accuracies over classes in the labels; NaN if there is none.
+
+    Unlike pixel accuracy, every labelled class weighs the same: a model that never finds a
+    small class loses 1/C of it however few pixels the class has."""
+    return _defined_mean(class_accuracy(cm))
+
+
+def dice_per_class(cm: np.ndarray | torch.Tensor) -> np.ndarray:
+    """(C,) float64 Dice (F1) per class, 2 cm[c, c] / (row_c + col_c); NaN for a class absent
+    from both targets and predictions (the classes whose IoU is NaN, for the same reason)."""
+    cm = _as_numpy(cm).astype(np.float64)
+    return _ratio(2.0 * np.diag(cm), cm.sum(axis=1) + cm.sum(axis=0))
+
+
+def mean_dice(cm: np.ndarray | torch.Tensor) -> float:
+    """Mean Dice over classes with a Dice (labelled or predicted); NaN if there is none."""
+    return _defined_mean(dice_per_class(cm))
+
+
+def frequency_weighted_iou(cm: np.ndarray | torch.Tensor) -> float:
+    """sum_c (row_c / total) IoU_c over classes with row_c > 0; NaN if nothing counted.
+
+    A class predicted but never labelled has IoU 0 and weight 0: it adds nothing, as its
+    false positives already lower the IoU of the classes whose pixels they took."""
+    cm = _as_numpy(cm)
+    total = cm.sum()
+    if total == 0:
         return float("nan")
-    return float(iou[present].mean())
+    rows = cm.sum(axis=1)
+    labelled = rows > 0  # these have a union > 0, hence an IoU
+    return float((rows[labelled] / total * iou_per_class(cm)[labelled]).sum())
 
 
 def pixel_accuracy(cm: np.ndarray | torch.Tensor) -> float:
@@ -142,9 +209,10 @@ def summarize(
 
     ``class_names``: the K names (or a ClassTable) of the matrix's rows; CamVid's by default.
 
-    Returns {"miou": float (NaN if undefined), "pixel_accuracy": float (NaN if undefined),
-    "iou": {class name: float, or None where the class is absent}, "pixels": int counted pixels}.
-    None rather than NaN in "iou" because it survives JSON and Parquet as a null.
+    Returns {"miou", "pixel_accuracy", "mean_class_accuracy", "mean_dice", "fwiou": float (NaN
+    if undefined), "iou", "class_accuracy", "dice": {class name: float, or None where undefined
+    for the class}, "pixels": int counted pixels}. None rather than NaN per class because it
+    survives JSON and Parquet as a null.
     """
     cm = _as_numpy(cm)
     if isinstance(class_names, ClassTable):
@@ -153,13 +221,18 @@ def summarize(
         raise ValueError(
             f"{len(class_names)} class names for a {cm.shape[0]}x{cm.shape[0]} confusion matrix"
         )
-    iou = iou_per_class(cm)
+
+    def by_name(values: np.ndarray) -> dict[str, float | None]:
+        return {name: None if np.isnan(value) else float(value) for name, value in zip(class_names, values)}
+
     return {
         "miou": mean_iou(cm),
         "pixel_accuracy": pixel_accuracy(cm),
-        "iou": {
-            name: None if np.isnan(value) else float(value)
-            for name, value in zip(class_names, iou)
-        },
+        "mean_class_accuracy": mean_class_accuracy(cm),
+        "mean_dice": mean_dice(cm),
+        "fwiou": frequency_weighted_iou(cm),
+        "iou": by_name(iou_per_class(cm)),
+        "class_accuracy": by_name(class_accuracy(cm)),
+        "dice": by_name(dice_per_class(cm)),
         "pixels": int(cm.sum()),
     }

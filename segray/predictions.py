@@ -38,7 +38,10 @@ read it through here, never through the stage. Output layout (``<output>/``), th
 Only ``part-*.parquet`` files directly in those folders are parts (parquet_files); a killed
 write's temporary file is not.
 
-``metrics.parquet``: one row per class and one ``overall`` row (see :func:`metrics_table`).
+``metrics.parquet``: one row per class (IoU, class accuracy, Dice, pixel counts, the class's row
+of the summed confusion matrix) and one ``overall`` row (mIoU, pixel accuracy, mean class
+accuracy, mean Dice, frequency-weighted IoU, image counts): METRICS_SCHEMA, :func:`metrics_table`.
+Every ratio is segray.metrics' from that one matrix; null where it is undefined.
 
 ``masks/<path below --images>.png``: colour PNGs, with ``--write-masks``; the source extension
 stays in the name (``a/X.jpg`` -> ``masks/a/X.jpg.png``), so two inputs never share a mask.
@@ -78,7 +81,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from segray import storage
-from segray.metrics import iou_per_class, mean_iou, pixel_accuracy
+from segray.metrics import (
+    class_accuracy,
+    dice_per_class,
+    frequency_weighted_iou,
+    iou_per_class,
+    mean_class_accuracy,
+    mean_dice,
+    mean_iou,
+    pixel_accuracy,
+)
 
 PREDICTIONS_DIR = "predictions"
 ERRORS_DIR = "errors"
@@ -337,8 +349,19 @@ METRICS_SCHEMA = pa.schema(
         ("labelled_images", pa.int64()),  # overall row only: predicted frames with a label
         ("error_images", pa.int64()),  # overall row only: rows of errors/
         ("confusion", pa.list_(pa.int64())),  # class rows: cm[c, :], the class's row of the summed matrix
+        # Added after the columns above (readers of older files find them missing, not moved):
+        ("class_accuracy", pa.float64()),  # class rows: cm[c, c] / label_pixels; null when not labelled
+        ("dice", pa.float64()),  # class rows: 2 intersection / (label + predicted pixels); null where iou is
+        ("mean_class_accuracy", pa.float64()),  # overall row only: mean class_accuracy of labelled classes
+        ("mean_dice", pa.float64()),  # overall row only: mean dice over classes with a dice
+        ("fwiou", pa.float64()),  # overall row only: sum of label_pixels / total * iou (labelled classes)
     ]
 )
+
+
+def _or_null(value: float) -> float | None:
+    """A ratio for Parquet: null (None) where segray.metrics says undefined (NaN)."""
+    return None if np.isnan(value) else float(value)
 
 
 def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
@@ -348,14 +371,16 @@ def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
     the ratios are null and the pixel and image counts remain."""
     cm = totals.cm
     has_labels = cm.sum() > 0
-    iou = iou_per_class(cm)
+    iou, accuracy, dice = iou_per_class(cm), class_accuracy(cm), dice_per_class(cm)
     rows = []
     for c, name in enumerate(class_names):
         rows.append(
             {
                 "class_index": c,
                 "class_name": name,
-                "iou": None if np.isnan(iou[c]) else float(iou[c]),
+                "iou": _or_null(iou[c]),
+                "class_accuracy": _or_null(accuracy[c]),
+                "dice": _or_null(dice[c]),
                 "intersection": int(cm[c, c]),
                 "label_pixels": int(cm[c].sum()),
                 "predicted_pixels": int(cm[:, c].sum()),
@@ -369,6 +394,9 @@ def metrics_table(totals: Totals, class_names: list[str]) -> pa.Table:
             "class_name": OVERALL,
             "miou": mean_iou(cm) if has_labels else None,
             "pixel_accuracy": pixel_accuracy(cm) if has_labels else None,
+            "mean_class_accuracy": mean_class_accuracy(cm) if has_labels else None,
+            "mean_dice": mean_dice(cm) if has_labels else None,
+            "fwiou": frequency_weighted_iou(cm) if has_labels else None,
             "intersection": int(np.trace(cm)),
             "label_pixels": total,
             "predicted_pixels": total,

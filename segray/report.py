@@ -1,6 +1,7 @@
-"""An HTML report worth sharing: the run's facts, mIoU and pixel accuracy, per-class IoU, the
-confusion matrix, training curves, the best and worst frames with their error maps, and any
-extra sections (evaluate adds small objects by size).
+"""An HTML report worth sharing: the run's facts, mIoU, pixel accuracy, mean class accuracy, mean
+Dice and frequency-weighted IoU, per-class IoU, accuracy and Dice, the confusion matrix, training
+curves, the best and worst frames with their error maps, and any extra sections (evaluate adds
+small objects by size).
 
 Written as one self-contained ``index.html`` (its CSS inline) plus the charts and frames as PNG
 and SVG files beside it, through segray.storage, so it opens in a browser from a local folder or
@@ -21,7 +22,17 @@ import numpy as np
 import segray
 from segray import storage
 from segray.classes import ClassTable
-from segray.metrics import confusion_matrix_np, iou_per_class, mean_iou, pixel_accuracy
+from segray.metrics import (
+    class_accuracy,
+    confusion_matrix_np,
+    dice_per_class,
+    frequency_weighted_iou,
+    iou_per_class,
+    mean_class_accuracy,
+    mean_dice,
+    mean_iou,
+    pixel_accuracy,
+)
 
 REPORT_FILE = "index.html"
 CONFUSION_FILE = "confusion.png"
@@ -109,25 +120,29 @@ def _check_cm(cm: np.ndarray, table: ClassTable) -> np.ndarray:
 
 
 def iou_table(cm: np.ndarray, class_names: Sequence[str] | ClassTable, palette=None) -> str:
-    """HTML table of per-class IoU (a number and a bar), recall, precision and pixels.
+    """HTML table of per-class IoU (a number and a bar), class accuracy (recall), precision, Dice
+    and pixels, then their means over the classes that have them.
     ``class_names``: a ClassTable, or the K names with ``palette`` (a ClassTable or K or K+1 colours)."""
     table = _table(class_names, palette)
     cm = _check_cm(cm, table)
-    ious = iou_per_class(cm)
+    ious, accuracy, dice = iou_per_class(cm), class_accuracy(cm), dice_per_class(cm)
     support, predicted = cm.sum(axis=1), cm.sum(axis=0)
     rows = []
     for c, (name, colour) in enumerate(zip(table.names, table.colors)):
         iou = float(ious[c])
-        recall = cm[c, c] / support[c] if support[c] else None
         precision = cm[c, c] / predicted[c] if predicted[c] else None
         bar = f"<div class='bar' style='width:{100 * iou:.1f}%'></div>" if not math.isnan(iou) else ""
         rows.append(f"<tr><td>{_swatch(colour)}{html.escape(name)}</td><td>{_fmt(iou)}</td>"
-                    f"<td class='barcell'>{bar}</td><td class='num'>{_fmt(recall)}</td>"
-                    f"<td class='num'>{_fmt(precision)}</td><td class='num'>{int(support[c]):,}</td></tr>")
-    rows.append(f"<tr class='total'><td>mean IoU</td><td>{_fmt(mean_iou(cm))}</td><td></td>"
-                f"<td class='num'>{_fmt(pixel_accuracy(cm))}</td><td></td><td class='num'>{int(support.sum()):,}</td></tr>")
-    head = ("<tr><th>class</th><th>IoU</th><th></th><th title='labelled pixels of the class predicted as it'>recall"
-            "</th><th title='pixels predicted as the class that are it'>precision</th><th>labelled pixels</th></tr>")
+                    f"<td class='barcell'>{bar}</td><td class='num'>{_fmt(float(accuracy[c]))}</td>"
+                    f"<td class='num'>{_fmt(precision)}</td><td class='num'>{_fmt(float(dice[c]))}</td>"
+                    f"<td class='num'>{int(support[c]):,}</td></tr>")
+    # Class accuracy is recall: one column, named as the field reports its mean.
+    rows.append(f"<tr class='total'><td>mean</td><td>{_fmt(mean_iou(cm))}</td><td></td>"
+                f"<td class='num'>{_fmt(mean_class_accuracy(cm))}</td><td></td><td class='num'>{_fmt(mean_dice(cm))}</td>"
+                f"<td class='num'>{int(support.sum()):,}</td></tr>")
+    head = ("<tr><th>class</th><th>IoU</th><th></th><th title='labelled pixels of the class predicted as it (recall)'>"
+            "class accuracy</th><th title='pixels predicted as the class that are it'>precision</th>"
+            "<th title='2 × true positives / (labelled + predicted pixels): F1'>Dice</th><th>labelled pixels</th></tr>")
     return "<table class='iou'>" + head + "".join(rows) + "</table>"
 
 
@@ -232,22 +247,26 @@ def write_report(
     if cm is not None:
         summary.append(
             f"<p class='big'>mIoU <b>{_fmt(mean_iou(cm))}</b> · pixel accuracy <b>{_fmt(pixel_accuracy(cm))}</b>"
-            f" · {int(np.asarray(cm).sum()):,} labelled pixels</p>"
+            f" · mean class accuracy <b>{_fmt(mean_class_accuracy(cm))}</b> · mean Dice <b>{_fmt(mean_dice(cm))}</b>"
+            f" · fwIoU <b>{_fmt(frequency_weighted_iou(cm))}</b> · {int(np.asarray(cm).sum()):,} labelled pixels</p>"
         )
     if facts:
         summary.append(_facts_html(facts))
     parts.append(("summary", "Summary", "".join(summary) or "<p class='note'>No metrics.</p>"))
     if cm is not None:
         parts.append(("iou", "Per-class IoU", iou_table(cm, table) +
-                      "<p class='note'>IoU = true positives / (labelled + predicted − true positives) per class; recall "
-                      "and precision from the same matrix; void pixels count nowhere.</p>"))
+                      "<p class='note'>IoU = true positives / (labelled + predicted − true positives) per class; class "
+                      "accuracy (recall) = true positives / labelled; Dice = 2 × true positives / (labelled + predicted); "
+                      "precision from the same matrix; void pixels count nowhere. A class absent from the labels has no "
+                      "accuracy (–), one absent from labels and predictions no IoU or Dice; means are over the classes "
+                      "with a value. fwIoU weighs each class's IoU by its share of the labelled pixels.</p>"))
         storage.write_bytes(storage.join(dest, CONFUSION_FILE), figure_bytes(confusion_figure(cm, table)))
         absent = int((cm.sum(axis=1) == 0).sum())
         note = f" Grey rows: {absent} classes absent from the labels." if absent else ""
         parts.append(("confusion", "Confusion matrix",
                       f"<img class='chart' src='{CONFUSION_FILE}' alt='confusion matrix, row-normalised'>"
                       f"<p class='note'>Row i, column j: the share of class i's labelled pixels predicted as "
-                      f"class j; the diagonal is each class's recall.{note}</p>"))
+                      f"class j; the diagonal is each class's accuracy (recall).{note}</p>"))
     fig = training_figure(history, best_epoch) if history else None
     if fig is not None:
         storage.write_bytes(storage.join(dest, TRAINING_FILE), figure_bytes(fig, "svg"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import html
 import importlib
 import re
 
@@ -49,6 +50,14 @@ def test_demo_runs_end_to_end_and_reports_metrics_parquet(run_job, tmp_path):
     for r in metrics:
         if r["class_name"] != "overall" and r["iou"] is not None:
             assert f"{r['class_name']}</td><td>{r['iou']:.3f}</td>" in page
+    for figure, key in (("mean class accuracy", "mean_class_accuracy"), ("mean Dice", "mean_dice"), ("fwIoU", "fwiou")):
+        assert re.search(rf"· {figure} <b>([0-9.]+)</b>", page).group(1) == f"{overall[key]:.3f}", figure
+    for r in metrics:
+        if r["class_name"] != "overall":
+            cls = re.escape(html.escape(r["class_name"]))
+            row = re.search(rf"</span>{cls}</td><td>[^<]*</td><td class='barcell'>.*?</td><td class='num'>([^<]*)"
+                            r"</td><td class='num'>[^<]*</td><td class='num'>([^<]*)</td>", page).groups()
+            assert row == tuple("–" if v is None else f"{v:.3f}" for v in (r["class_accuracy"], r["dice"])), r
 
 
 @pytest.mark.slow

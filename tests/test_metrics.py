@@ -10,9 +10,14 @@ import torch
 
 from segray.camvid import CLASSES, NUM_CLASSES, VOID_INDEX
 from segray.metrics import (
+    class_accuracy,
     confusion_matrix,
     confusion_matrix_np,
+    dice_per_class,
+    frequency_weighted_iou,
     iou_per_class,
+    mean_class_accuracy,
+    mean_dice,
     mean_iou,
     pixel_accuracy,
     summarize,
@@ -155,3 +160,129 @@ def test_confusion_matrix_stays_on_device() -> None:
     cm = confusion_matrix(target, pred, N, VOID)
     assert cm.device.type == "cuda"
     assert cm.cpu().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------- the other figures
+# Mean class accuracy, Dice and frequency-weighted IoU, against matrices worked out by hand.
+
+# Five classes, one of each kind the definitions treat apart:
+#   0: labelled and predicted; 1: absent from the labels but predicted (col 1 = 1 + 2 = 3);
+#   2: labelled, never predicted; 3: absent from both; 4: labelled and predicted.
+KINDS = np.array(
+    [
+        [3, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 2, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 5],
+    ],
+    dtype=np.int64,
+)
+# rows (labelled) 4, 0, 2, 0, 6 (total 12); columns (predicted) 4, 3, 0, 0, 5; diagonal 3, 0, 0, 0, 5.
+
+
+def test_class_accuracy_by_hand() -> None:
+    acc = class_accuracy(KINDS)
+    # 0: 3/4; 1: row 0, undefined; 2: 0/2; 3: row 0, undefined; 4: 5/6
+    assert acc[0] == pytest.approx(3 / 4) and acc[2] == 0.0 and acc[4] == pytest.approx(5 / 6)
+    assert math.isnan(acc[1]) and math.isnan(acc[3])
+    # mean over the three labelled classes: (3/4 + 0 + 5/6) / 3 = (9/12 + 10/12) / 3 = 19/36
+    assert mean_class_accuracy(KINDS) == pytest.approx(19 / 36)
+    # not pixel accuracy (8/12 = 24/36), nor a mean over all five classes (19/60)
+    assert mean_class_accuracy(KINDS) != pytest.approx(pixel_accuracy(KINDS))
+
+
+def test_dice_by_hand() -> None:
+    dice = dice_per_class(KINDS)
+    # 0: 2*3/(4+4) = 3/4; 1: 2*0/(0+3) = 0; 2: 2*0/(2+0) = 0; 3: 0/(0+0) undefined; 4: 2*5/(6+5) = 10/11
+    assert dice[0] == pytest.approx(3 / 4) and dice[4] == pytest.approx(10 / 11)
+    assert dice[1] == 0.0 and dice[2] == 0.0 and math.isnan(dice[3])
+    # mean over the four classes with a Dice: (3/4 + 0 + 0 + 10/11) / 4 = (33/44 + 40/44) / 4 = 73/176
+    assert mean_dice(KINDS) == pytest.approx(73 / 176)
+    # Dice is undefined exactly where IoU is, and Dice_c = 2 IoU_c / (1 + IoU_c) elsewhere
+    iou = iou_per_class(KINDS)
+    np.testing.assert_array_equal(np.isnan(dice), np.isnan(iou))
+    np.testing.assert_allclose(dice[~np.isnan(iou)], (2 * iou / (1 + iou))[~np.isnan(iou)])
+
+
+def test_frequency_weighted_iou_by_hand() -> None:
+    # IoU: 0: 3/(4+4-3) = 3/5; 1: 0/3 = 0; 2: 0/2 = 0; 3: undefined; 4: 5/(6+5-5) = 5/6
+    # weights row_c / 12: 4/12, 0, 2/12, 0, 6/12 (class 1, predicted but unlabelled, weighs 0)
+    # fwIoU = 4/12 * 3/5 + 2/12 * 0 + 6/12 * 5/6 = 1/5 + 5/12 = 37/60
+    assert frequency_weighted_iou(KINDS) == pytest.approx(37 / 60)
+    # Class 1 adds nothing itself, but its false positive at a class-0 pixel lowers IoU_0: moving
+    # that pixel from predicted 1 back to 0 (cm[0] = 4 0 0 0 0; col 0 = 4 + 1 = 5) raises IoU_0 to
+    # 4/(4+5-4) = 4/5 and fwIoU to 4/12 * 4/5 + 6/12 * 5/6 = 16/60 + 25/60 = 41/60.
+    fixed = KINDS.copy()
+    fixed[0, 1], fixed[0, 0] = 0, 4
+    assert frequency_weighted_iou(fixed) == pytest.approx(41 / 60)
+
+
+def test_a_class_present_but_never_predicted() -> None:
+    # Two classes, everything predicted as 0: [[2, 0], [3, 0]].
+    cm = np.array([[2, 0], [3, 0]], np.int64)
+    # acc: 2/2, 0/3 -> mean 1/2; Dice: 2*2/(2+5) = 4/7, 0/(3+0) = 0 -> mean 2/7
+    np.testing.assert_allclose(class_accuracy(cm), [1.0, 0.0])
+    assert mean_class_accuracy(cm) == pytest.approx(1 / 2)
+    np.testing.assert_allclose(dice_per_class(cm), [4 / 7, 0.0])
+    assert mean_dice(cm) == pytest.approx(2 / 7)
+    # IoU_0 = 2/(2+5-2) = 2/5, IoU_1 = 0; fwIoU = 2/5 * 2/5 + 3/5 * 0 = 4/25
+    assert frequency_weighted_iou(cm) == pytest.approx(4 / 25)
+
+
+def test_all_zero_matrix_has_no_figures() -> None:
+    cm = np.zeros((3, 3), np.int64)
+    assert np.isnan(class_accuracy(cm)).all() and np.isnan(dice_per_class(cm)).all()
+    for figure in (mean_class_accuracy, mean_dice, frequency_weighted_iou):
+        assert math.isnan(figure(cm)), figure.__name__
+    summary = summarize(cm, class_names=("a", "b", "c"))
+    for key in ("mean_class_accuracy", "mean_dice", "fwiou"):
+        assert math.isnan(summary[key]), key
+    assert summary["class_accuracy"] == summary["dice"] == {"a": None, "b": None, "c": None}
+
+
+def test_summarize_has_the_other_figures_with_none_where_undefined() -> None:
+    summary = summarize(torch.from_numpy(KINDS), class_names=("a", "b", "c", "d", "e"))
+    assert summary["mean_class_accuracy"] == pytest.approx(19 / 36)
+    assert summary["mean_dice"] == pytest.approx(73 / 176)
+    assert summary["fwiou"] == pytest.approx(37 / 60)
+    assert summary["class_accuracy"] == pytest.approx({"a": 3 / 4, "b": None, "c": 0.0, "d": None, "e": 5 / 6})
+    assert summary["dice"] == pytest.approx({"a": 3 / 4, "b": 0.0, "c": 0.0, "d": None, "e": 10 / 11})
+    assert summary["iou"]["b"] == 0.0 and summary["iou"]["d"] is None  # the keys callers had are unchanged
+    assert summary["pixels"] == 12 and summary["pixel_accuracy"] == pytest.approx(8 / 12)
+    for key in ("class_accuracy", "dice"):
+        assert all(v is None or type(v) is float for v in summary[key].values())  # JSON-able, not np.float64
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_summarize_matches_a_brute_force_over_pixels(seed: int) -> None:
+    """Each figure from boolean masks of the pixels, never from a confusion matrix."""
+    rng = np.random.default_rng(seed)
+    k, void = 7, 255
+    # Labels use classes 0..4 and void; predictions 0..3 and 5: class 4 is labelled and never
+    # predicted, 5 predicted and never labelled, 6 in neither.
+    target = rng.choice([0, 1, 2, 3, 4, void], size=(3, 21, 17), p=[0.3, 0.2, 0.2, 0.1, 0.1, 0.1]).astype(np.uint8)
+    pred = rng.choice([0, 1, 2, 3, 5], size=target.shape).astype(np.uint8)
+    pred[target == 0] = np.where(rng.random((target == 0).sum()) < 0.7, 0, pred[target == 0])  # some skill
+    summary = summarize(confusion_matrix_np(target, pred, k, void), class_names=[str(c) for c in range(k)])
+
+    scored = target != void
+    total = scored.sum()
+    accuracy, dice, iou = {}, {}, {}
+    for c in range(k):
+        is_c, said_c = scored & (target == c), scored & (pred == c)
+        hit = (is_c & said_c).sum()
+        accuracy[str(c)] = hit / is_c.sum() if is_c.sum() else None
+        dice[str(c)] = 2 * hit / (is_c.sum() + said_c.sum()) if (is_c | said_c).any() else None
+        iou[str(c)] = hit / (is_c | said_c).sum() if (is_c | said_c).any() else None
+    assert accuracy["5"] is None and accuracy["6"] is None and dice["6"] is None and dice["5"] == 0.0
+    assert accuracy["4"] == 0.0 and dice["4"] == 0.0
+    assert summary["class_accuracy"] == pytest.approx(accuracy)
+    assert summary["dice"] == pytest.approx(dice)
+    defined_acc = [v for v in accuracy.values() if v is not None]
+    defined_dice = [v for v in dice.values() if v is not None]
+    assert summary["mean_class_accuracy"] == pytest.approx(sum(defined_acc) / len(defined_acc))
+    assert summary["mean_dice"] == pytest.approx(sum(defined_dice) / len(defined_dice))
+    fw = sum((scored & (target == c)).sum() / total * iou[str(c)] for c in range(k) if (scored & (target == c)).any())
+    assert summary["fwiou"] == pytest.approx(fw)
+    assert summary["pixel_accuracy"] == pytest.approx((target == pred)[scored].mean())

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -228,6 +229,30 @@ def test_report_has_every_section_the_runs_facts_and_no_local_paths(tmp_path):
                  f"segray {segray.__version__}", "ray ", "torch ", "python "):
         assert fact in facts, fact
     assert "mIoU <b>" in facts and "pixel accuracy <b>" in facts
+    # The figures beside them: metrics.parquet's, and the matrix's recomputed here. Every class
+    # is labelled in every frame of make_output, so each mean is over all three.
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    overall = rows[-1]
+    cm = np.array([r["confusion"] for r in rows[:-1]], np.float64)
+    tp, labelled, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    assert labelled.all() and predicted.all() and 0 < tp.sum() < cm.sum()
+    accuracy, dice, iou = tp / labelled, 2 * tp / (labelled + predicted), tp / (labelled + predicted - tp)
+    for name, key, value in (("mean class accuracy", "mean_class_accuracy", accuracy.mean()),
+                             ("mean Dice", "mean_dice", dice.mean()),
+                             ("fwIoU", "fwiou", (labelled / labelled.sum() * iou).sum())):
+        shown = re.search(rf"· {name} <b>([0-9.]+)</b>", facts).group(1)
+        assert shown == f"{value:.3f}" == f"{overall[key]:.3f}", (name, shown, value, overall[key])
+    per_class = section(page, "iou")
+    assert "class accuracy</th>" in per_class and ">Dice</th>" in per_class
+    for c, r in enumerate(rows[:-1]):
+        cells = re.search(rf"{r['class_name']}</td><td>([^<]*)</td><td class='barcell'>.*?</td>"
+                          r"<td class='num'>([^<]*)</td><td class='num'>[^<]*</td><td class='num'>([^<]*)</td>",
+                          per_class).groups()
+        assert cells == (f"{iou[c]:.3f}", f"{accuracy[c]:.3f}", f"{dice[c]:.3f}")
+        assert cells[1:] == (f"{r['class_accuracy']:.3f}", f"{r['dice']:.3f}")
+    total = re.search(r"<tr class='total'><td>mean</td><td>([^<]*)</td><td></td><td class='num'>([^<]*)</td>"
+                      r"<td></td><td class='num'>([^<]*)</td>", per_class).groups()
+    assert total == (f"{iou.mean():.3f}", f"{accuracy.mean():.3f}", f"{dice.mean():.3f}")
     for local in (str(run), str(tmp_path), str(out)):
         assert local not in page, local  # the facts name things; this machine's paths mean nothing elsewhere
 
@@ -285,3 +310,25 @@ def test_write_report_takes_flat_facts_and_frames_without_labels(tmp_path):
     assert "<figcaption><b>#1</b> · a.png</figcaption>" in page
     png_ok(tmp_path / "frame_000.png")
     assert shown("s3://bucket/runs/unet16") == "s3://bucket/runs/unet16" and shown("runs/a") == "runs/a"
+
+
+def test_report_figures_of_absent_classes(tmp_path):
+    # road: labelled 5, predicted 5, right 4; car: never labelled, predicted once; tree: labelled
+    # 3, predicted 2, right 2. Rows 5, 0, 3 (8 pixels); columns 5, 1, 2.
+    cm = np.array([[4, 1, 0], [0, 0, 0], [1, 0, 2]], np.int64)
+    page = Path(write_report(str(tmp_path), title="t", cm=cm, classes=TABLE)).read_text()
+    # mIoU: IoU 4/(5+5-4) = 2/3, 0/1 = 0, 2/(3+2-2) = 2/3 -> 4/9; pixel accuracy 6/8;
+    # class accuracy 4/5, -, 2/3 -> 11/15 = 0.733; Dice 8/10, 0/1, 4/5 -> 1.6/3 = 0.533;
+    # fwIoU 5/8 * 2/3 + 0 * 0 + 3/8 * 2/3 = 2/3.
+    assert ("mIoU <b>0.444</b> · pixel accuracy <b>0.750</b> · mean class accuracy <b>0.733</b> · mean Dice "
+            "<b>0.533</b> · fwIoU <b>0.667</b> · 8 labelled pixels") in page
+    table = section(page, "iou")
+    # name, IoU, class accuracy, precision (4/5, 0/1, 2/2), Dice, labelled pixels
+    for name, iou, acc, precision, dice, pixels in (("road", "0.667", "0.800", "0.800", "0.800", "5"),
+                                                    ("car", "0.000", "–", "0.000", "0.000", "0"),
+                                                    ("tree", "0.667", "0.667", "1.000", "0.800", "3")):
+        assert re.search(rf"{name}</td><td>{iou}</td><td class='barcell'>.*?</td><td class='num'>{acc}</td>"
+                         rf"<td class='num'>{precision}</td><td class='num'>{dice}</td><td class='num'>{pixels}</td>",
+                         table), name
+    assert ("<tr class='total'><td>mean</td><td>0.444</td><td></td><td class='num'>0.733</td><td></td>"
+            "<td class='num'>0.533</td><td class='num'>8</td></tr>") in table
