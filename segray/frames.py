@@ -7,8 +7,8 @@ Two kinds of task, so that one big container keeps every CPU busy:
   video: segray/video.py, ranges starting at keyframes; a plain tar: member ranges from an
   index of member offsets, segray/archives.py; a compressed tar, which cannot be entered in the
   middle, is one unit read as a stream). Problems found while planning are units of error rows.
-- :func:`load_units` reads one unit: frame rows (the frame resized to the model's input size)
-  or error rows, leaving the task in blocks of FRAMES_PER_BLOCK.
+- :func:`load_units` reads one unit: frame rows (the frame resized to the model's input size, or
+  at its own size for --tile) or error rows, leaving the task in blocks of FRAMES_PER_BLOCK.
 
 Nothing here raises for a bad input. A unit is a JSON document in one column (never stored).
 The columns between the stages are defined here; the stored ones are segray/predictions.py's.
@@ -54,8 +54,8 @@ COL_DONE = "done"
 COL_ERROR = "list_error"  # the listing's verdict on an input's name (sources.Input.error)
 COL_TAKEN = "taken"  # URIs of other objects below an archive's URI (sources.Input.taken)
 COL_UNIT = "unit"  # one unit of work, as JSON
-COL_IMAGE = "image"  # the frame resized to the model's input size, (h, w, 3) uint8 bytes
-COL_PRED = "pred"  # the predicted mask at the model's size, (h, w) uint8 bytes
+COL_IMAGE = "image"  # the frame resized to the model's input size (--tile: its own), (h, w, 3) uint8 bytes
+COL_PRED = "pred"  # the predicted mask at the model's size (--tile: the frame's), (h, w) uint8 bytes
 LISTING_SCHEMA = pa.schema(
     [
         (COL_URI, pa.string()),
@@ -239,8 +239,9 @@ def plan_units(
 # ----------------------------------------------------------------------------- loading
 
 
-def load_frame(data: bytes, uri: str, size: tuple[int, int]) -> tuple[np.ndarray, int, int]:
-    """Encoded bytes -> the frame resized to ``size`` ``(h, w, 3) uint8``, and its own height, width.
+def load_frame(data: bytes, uri: str, size: tuple[int, int] | None) -> tuple[np.ndarray, int, int]:
+    """Encoded bytes -> the frame resized to ``size`` ``(h, w, 3) uint8`` (None: as it is), and its
+    own height, width.
 
     Raises BadInputError naming ``uri`` for anything that is not a readable image."""
     try:
@@ -249,7 +250,7 @@ def load_frame(data: bytes, uri: str, size: tuple[int, int]) -> tuple[np.ndarray
         raise
     except Exception as e:  # noqa: BLE001 - a mode PIL cannot convert is still a bad input
         raise BadInputError(f"{uri}: cannot convert to RGB ({type(e).__name__}: {e})") from None
-    return resize_image(image, size), image.shape[0], image.shape[1]
+    return (resize_image(image, size) if size else image), image.shape[0], image.shape[1]
 
 
 def _row(uri: str, image: np.ndarray, height: int, width: int, label: sources.Label | None,
@@ -417,12 +418,12 @@ def _unit_rows(unit: dict, size, labels, images_root: str) -> Iterator[dict]:
 
 def load_units(
     batch: pa.Table,
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     images_root: str,
     labels: dict[str, sources.Label] | None = None,
 ) -> Iterator[pa.Table]:
-    """Unit rows -> frame rows (decoded, resized to ``size``) or error rows; never raises for a
-    bad input. ``labels`` (the whole label index) is needed only to pair archive members. Each
+    """Unit rows -> frame rows (decoded, resized to ``size``; None: at their own size) or error
+    rows; never raises for a bad input. ``labels`` (the whole label index) is needed only to pair archive members. Each
     row records the node it was decoded on (COL_DECODE_NODE)."""
     node = node_id()
     rows: list[dict] = []
@@ -436,7 +437,7 @@ def load_units(
         yield pa.Table.from_pylist(rows, schema=FRAMES_SCHEMA)
 
 
-def load_frames(batch: pa.Table, size: tuple[int, int], images_root: str, labels: dict[str, sources.Label] | None = None,
+def load_frames(batch: pa.Table, size: tuple[int, int] | None, images_root: str, labels: dict[str, sources.Label] | None = None,
                 frames_per_task: int = 1 << 30) -> Iterator[pa.Table]:
     """Listing rows -> frame or error rows in one task: plan_units then load_units (for tests and
     callers without Ray; the job runs the two as separate tasks)."""

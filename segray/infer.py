@@ -5,7 +5,9 @@ One Ray Data pass, memory flat in the number of frames::
     listing (driver: object names only, sources.list_inputs)
       -> plan_units       tasks   image files in groups; containers indexed, cut into ranges    (frames.py)
       -> load_units       tasks   read, decode, resize each unit's frames to the model's size  (frames.py)
+                                  (with --tile: not resized)
       -> Predictor        actors  one model per replica (GPU with --use-gpu), argmax masks      (predictor.py)
+                                  (--tta/--scales/--tile: segray/tta.py)
       -> postprocess      tasks   mask back to the frame's size (NEAREST), PNG, counts, confusion
       -> PredictionSink   tasks   predictions/ and errors/ Parquet; per-task summed counts     (here)
 
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from segray import console, modelio, sources, storage
+from segray import tta as testtime
 from segray.classes import ClassTable
 from segray.errors import SegrayError, describe
 from segray.frames import COL_UNIT, listing_tables, load_units, plan_units, planned_rows
@@ -67,7 +70,7 @@ class InferConfig:
     output: str
     labels: str | None = None  # prefix of label PNGs, paired by path (sources.py)
     use_gpu: bool = False
-    batch_size: int = 16  # frames per model call
+    batch_size: int = 16  # frames per model call (with a tile: windows)
     num_replicas: int = 1  # model actors; each takes one GPU with use_gpu
     write_masks: bool = False  # colour PNGs under <output>/masks/
     cpus_per_replica: float = 1.0  # CPUs Ray reserves for each CPU model actor
@@ -77,8 +80,19 @@ class InferConfig:
     fps: float | None = None  # videos: keep the frames nearest to this rate
     frames_per_task: int = 500  # a container with more frames is cut into ranges for parallel tasks
     write_video: bool = False  # an overlay video per input video under <output>/overlays/
+    # Test-time options (segray/tta.py), each off by default.
+    tta: str | None = None  # "flip": horizontal-flip averaging
+    scales: tuple[float, ...] | None = None  # multi-scale averaging of the model-size batch
+    tile: tuple[int, int] | None = None  # (h, w) windows at the frame's own size
+    overlap: int | None = None  # pixels windows overlap; None with a tile: tta.default_overlap
 
     def __post_init__(self) -> None:
+        try:  # normalised: tuples, the overlap resolved
+            checked = testtime.check_options(self.tta, self.scales, self.tile, self.overlap)
+        except testtime.TTAError as e:
+            raise InferError(str(e)) from None
+        for name, value in zip(("scales", "tile", "overlap"), checked):
+            object.__setattr__(self, name, value)
         for name in ("batch_size", "num_replicas", "rows_per_file", "frames_per_task"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -188,6 +202,8 @@ class InferSummary:
 
 def format_summary(s: InferSummary) -> str:
     """The one-screen report printed at the end of a run."""
+    from segray.metrics import frequency_weighted_iou, mean_class_accuracy, mean_dice
+
     t = s.total
     stages = ", ".join(f"{k} {v}" for k, v in sorted(s.run.stages.items())) or "none"
     lines = [
@@ -204,6 +220,8 @@ def format_summary(s: InferSummary) -> str:
         if t.cm.sum():
             iou = iou_per_class(t.cm)
             lines.append(f"  mIoU       {mean_iou(t.cm):.4f}   pixel accuracy {pixel_accuracy(t.cm):.4f}")
+            lines.append(f"  mean acc   {mean_class_accuracy(t.cm):.4f}   mean Dice {mean_dice(t.cm):.4f}   "
+                         f"fwIoU {frequency_weighted_iou(t.cm):.4f}")
             per_class = [f"{n} {'-' if np.isnan(v) else f'{v:.3f}'}" for n, v in zip(s.class_names, iou)]
             for k in range(0, len(per_class), 6):
                 lines.append(("  IoU        " if k == 0 else "             ") + ", ".join(per_class[k : k + 6]))
@@ -226,6 +244,8 @@ def run_record(config: InferConfig, model_sha256: str, classes: ClassTable | Non
         # Which frames of a video are kept: a rerun with another selection would mix two.
         "every": config.every,
         "fps": config.fps,
+        # Test-time options change every mask: one output is made with one set of them.
+        **testtime.record(config.tta, config.scales, config.tile, config.overlap),
         **({"classes": classes.to_fields()} if classes is not None else {}),
     }
 
@@ -259,6 +279,7 @@ def check_output(config: InferConfig, record: dict) -> bool:
         ("write_masks", "--write-masks", "--write-masks"),
         ("every", "--every", "--every"),
         ("fps", "--fps", "--fps"),
+        *((key, f"--{key}", f"--{key}") for key in testtime.RECORD_KEYS),
     )
     for key, flag, what in checks:
         if earlier.get(key, False if key == "write_masks" else None) != record[key]:
@@ -270,6 +291,9 @@ def check_output(config: InferConfig, record: dict) -> bool:
                 raise InferError(f"--output {config.output} was made {'with' if before else 'without'} --write-masks, "
                                  f"this run is {'with' if now else 'without'}: some frames would have masks and "
                                  f"others not; {start_over}")
+            if key in testtime.RECORD_KEYS:
+                raise InferError(f"--output {config.output} was made with {flag} {testtime.shown(key, before)}, this "
+                                 f"run has {flag} {testtime.shown(key, now)}: masks would mix two; {start_over}")
             raise InferError(
                 f"--output {config.output} was made with {what} {before or 'none'}, this run has {flag} "
                 f"{now or 'none'}; {start_over}"
@@ -326,7 +350,9 @@ def run_pipeline(
     ds = ds.repartition(target_num_rows_per_block=1)
     ds = ds.map_batches(
         _load_counted,
-        fn_kwargs={"size": spec.input_size, "images_root": config.images, "labels": labels, "progress": progress},
+        # Tiling predicts each frame at its own size: no resize (size None).
+        fn_kwargs={"size": None if config.tile else spec.input_size, "images_root": config.images, "labels": labels,
+                   "progress": progress},
         batch_size=None,
         batch_format="pyarrow",
     )
@@ -341,6 +367,11 @@ def run_pipeline(
             "loader": loader,
             "threads": config.threads,
             "num_replicas": config.num_replicas,
+            "tta": config.tta,
+            "scales": config.scales,
+            "tile": config.tile,
+            "overlap": config.overlap,
+            "batch_size": config.batch_size,
         },
         compute=ray.data.ActorPoolStrategy(size=config.num_replicas),
         batch_size=config.batch_size,
@@ -352,7 +383,7 @@ def run_pipeline(
         _postprocess_counted,
         fn_kwargs={
             "progress": progress,
-            "model_size": spec.input_size,
+            "model_size": None if config.tile else spec.input_size,  # None: masks at the frame's size
             "classes": spec.class_table,
             "color_table": label_color_table(config.labels),
             "images_root": config.images,
@@ -436,6 +467,9 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
     )
     print(f"infer: model {config.model}: input {spec.input_height}x{spec.input_width}, {num_classes} classes, "
           f"{config.num_replicas} replica(s) on {'GPU' if config.use_gpu else 'CPU'}", flush=True)
+    options = testtime.describe(config.tta, config.scales, config.tile, config.overlap)
+    if options:
+        print(f"infer: test-time options: {options}", flush=True)
 
     run = Totals(num_classes)
     if listing.inputs:
@@ -460,4 +494,6 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
         class_names=tuple(spec.classes),
     )
     print(format_summary(summary), flush=True)
+    if options:
+        print(f"  test-time  {options}", flush=True)
     return summary

@@ -1,9 +1,11 @@
 """Stages 2 and 3 of infer: the model replicas (Ray Data actors) and the postprocessing tasks.
 
 A :class:`Predictor` loads the exported model once per replica and maps batches of frames at
-the model's input size to argmax masks; :func:`postprocess` brings each mask back to its frame's
-own size (NEAREST), encodes it, counts its classes and, with a label, its confusion matrix, and
-writes the colour mask when asked. Error rows pass through both untouched.
+the model's input size to argmax masks (with the test-time options of segray/tta.py: flip and
+scale averaging; with a tile, frames and masks at the frame's own size, windows averaged);
+:func:`postprocess` brings each mask back to its frame's own size (NEAREST), encodes it, counts
+its classes and, with a label, its confusion matrix, and writes the colour mask when asked.
+Error rows pass through both untouched.
 """
 
 from __future__ import annotations
@@ -98,8 +100,22 @@ class Predictor:
         loader: ModelLoader = modelio.load_model,
         threads: int | None = None,
         num_replicas: int = 1,
+        tta: str | None = None,
+        scales: tuple[float, ...] | None = None,
+        tile: tuple[int, int] | None = None,
+        overlap: int | None = None,
+        batch_size: int = 16,
     ) -> None:
         import torch
+
+        from segray import tta as testtime
+
+        # Test-time options (segray/tta.py): frames come at the model's size, or with a tile at
+        # their own; the masks leave at the same size.
+        self.scales, self.tile, self.overlap = testtime.check_options(tta, scales, tile, overlap)
+        self.flip = tta == testtime.FLIP
+        self.batch_size = batch_size
+        self.testtime = testtime
 
         self.torch = torch
         self.use_gpu = use_gpu
@@ -116,25 +132,57 @@ class Predictor:
         self.model = self.model.to(memory_format=torch.channels_last)
         self.node = node_id()  # recorded with every frame this replica predicts (COL_PREDICT_NODE)
 
+    def _forward(self, x):
+        """The model on a normalised batch: channels-last, under bf16 autocast on GPU (every pass
+        of a test-time option goes through here)."""
+        torch = self.torch
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.use_gpu:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                return self.model(x)
+        return self.model(x)
+
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """``(N, h, w, 3) uint8`` frames at the model's size -> ``(N, h, w) uint8`` class indices."""
+        """``(N, h, w, 3) uint8`` frames at the model's size -> ``(N, h, w) uint8`` class indices
+        (with --tta/--scales: of the averaged logits). With a tile, frames of any one size."""
         torch = self.torch
         with torch.inference_mode():
             x = modelio.images_to_tensor(images, self.spec.mean, self.spec.std, self.device, channels_last=True)
-            if self.use_gpu:
-                with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-                    logits = self.model(x)
+            if self.tile:
+                logits = self.testtime.tiled_logits(self._forward, x, self.tile, self.overlap, self.batch_size, self.flip)
+            elif self.flip or self.scales:
+                logits = self.testtime.augmented_logits(self._forward, x, self.flip, self.scales)
             else:
-                logits = self.model(x)
+                logits = self._forward(x)
             # argmax on the device: only 1 byte per pixel comes back to the host.
             return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+
+    def _predict_tiled(self, batch: pa.Table, idx: list[int], preds: list) -> None:
+        """Frames at their own sizes: each size's frames together, in chunks of about
+        ``batch_size`` windows (one frame's logits at a time when it alone has that many)."""
+        frames = batch.column(COL_IMAGE).to_pylist()
+        sizes = list(zip(batch.column(COL_HEIGHT).to_pylist(), batch.column(COL_WIDTH).to_pylist()))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i in idx:
+            groups.setdefault(sizes[i], []).append(i)
+        for (h, w), rows in groups.items():
+            windows = len(self.testtime.window_grid((h, w), self.tile, self.overlap)[1])
+            step = max(1, self.batch_size // windows)
+            for k in range(0, len(rows), step):
+                part = rows[k : k + step]
+                joined = bytearray(b"".join(frames[i] for i in part))
+                masks = self.predict(np.frombuffer(joined, dtype=np.uint8).reshape(len(part), h, w, 3))
+                for mask, i in zip(masks, part):
+                    preds[i] = mask.tobytes()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         h, w = self.spec.input_size
         good = pc.is_null(batch.column(COL_STAGE)).to_pylist()
         idx = [i for i, ok in enumerate(good) if ok]
         preds: list[bytes | None] = [None] * batch.num_rows
-        if idx:
+        if idx and self.tile:
+            self._predict_tiled(batch, idx, preds)
+        elif idx:
             frames = batch.column(COL_IMAGE).to_pylist()
             # bytearray: one copy into a writable buffer, which torch.as_tensor wants.
             joined = bytearray(b"".join(frames[i] for i in idx))
@@ -202,7 +250,7 @@ def mask_uri(output: str, images_root: str, uri: str) -> str:
     return target
 
 
-def _result_row(item: dict, model_size: tuple[int, int], classes: ClassTable, color_table: tuple,
+def _result_row(item: dict, model_size: tuple[int, int] | None, classes: ClassTable, color_table: tuple,
                 images_root: str, output: str, write_masks: bool) -> dict:
     """One predicted frame -> its predictions row, or the error row of its label or its mask."""
     uri = item[COL_URI]
@@ -218,7 +266,7 @@ def _result_row(item: dict, model_size: tuple[int, int], classes: ClassTable, co
         if label.shape != size:
             return error_row(uri, STAGE_LABEL, f"{item[COL_LABEL_URI]}: label is {label.shape[1]}x{label.shape[0]} "
                           f"but the frame is {size[1]}x{size[0]}; they must be the same size")
-    pred = np.frombuffer(item[COL_PRED], dtype=np.uint8).reshape(model_size)
+    pred = np.frombuffer(item[COL_PRED], dtype=np.uint8).reshape(model_size or size)
     result = finish_frame(pred, size, classes.num_classes, classes.void_index, label)
     if write_masks:
         try:
@@ -243,15 +291,15 @@ def _result_row(item: dict, model_size: tuple[int, int], classes: ClassTable, co
 
 def postprocess(
     batch: pa.Table,
-    model_size: tuple[int, int],
+    model_size: tuple[int, int] | None,
     classes: ClassTable,
     color_table: tuple,
     images_root: str,
     output: str,
     write_masks: bool,
 ) -> pa.Table:
-    """Mask rows -> result rows (the predictions schema plus stage and message)."""
-    h, w = model_size
+    """Mask rows -> result rows (the predictions schema plus stage and message). ``model_size``:
+    the size of every mask; None when each is at its frame's own size (--tile)."""
     rows: list[dict] = []
     for item in batch.to_pylist():
         uri = item[COL_URI]
@@ -259,7 +307,7 @@ def postprocess(
             rows.append(error_row(uri, item[COL_STAGE], item[COL_MESSAGE]))
             continue
         try:
-            rows.append(_result_row(item, (h, w), classes, color_table, images_root, output, write_masks))
+            rows.append(_result_row(item, model_size, classes, color_table, images_root, output, write_masks))
         except Exception as e:  # noqa: BLE001 - one frame's failure is that frame's row, never the job's
             rows.append(error_row(uri, STAGE_POSTPROCESS, f"{uri}: {describe(e)}"))
     return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)

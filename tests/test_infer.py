@@ -217,9 +217,28 @@ def test_metrics_table_reads_every_ratio_from_the_summed_matrix():
     assert overall["pixel_accuracy"] == pytest.approx(9 / 12)
     assert (overall["images"], overall["labelled_images"], overall["error_images"]) == (3, 2, 1)
     assert overall["mask_pixels"] == sum(range(NUM_CLASSES)) and rows[4]["mask_pixels"] == 4
+    # rows (labelled) 8, 3, 1, then 0; columns (predicted) 7, 5, 0, then 0; total 12.
+    # Class accuracy cm[c,c] / row_c: 6/8, 3/3, 0/1; none for the 8 classes nobody labelled.
+    assert [r["class_accuracy"] for r in rows[:3]] == pytest.approx([3 / 4, 1.0, 0.0])
+    # Dice 2 cm[c,c] / (row_c + col_c): 12/(8+7) = 4/5, 6/(3+5) = 3/4, 0/(1+0) = 0.
+    assert [r["dice"] for r in rows[:3]] == pytest.approx([4 / 5, 3 / 4, 0.0])
+    assert all(r["class_accuracy"] is None and r["dice"] is None for r in rows[3:-1])
+    assert overall["class_accuracy"] is None and overall["dice"] is None  # per-class columns
+    assert overall["mean_class_accuracy"] == pytest.approx((3 / 4 + 1 + 0) / 3)  # 7/12
+    assert overall["mean_dice"] == pytest.approx((4 / 5 + 3 / 4 + 0) / 3)  # 31/60
+    # IoU 6/9, 3/5, 0 weighted by 8/12, 3/12, 1/12: 4/9 + 3/20 = 107/180
+    assert overall["fwiou"] == pytest.approx(8 / 12 * 6 / 9 + 3 / 12 * 3 / 5 + 1 / 12 * 0)
+    assert all(r["mean_class_accuracy"] is None and r["mean_dice"] is None and r["fwiou"] is None for r in rows[:-1])
+    # Columns are only ever added: the ones readers of earlier files know come first, unchanged.
+    assert artifact.METRICS_SCHEMA.names[:13] == [
+        "class_index", "class_name", "iou", "miou", "pixel_accuracy", "intersection", "label_pixels",
+        "predicted_pixels", "mask_pixels", "images", "labelled_images", "error_images", "confusion"]
 
     unlabelled = artifact.metrics_table(artifact.Totals(NUM_CLASSES, frames=2), list(CLASSES)).to_pylist()
     assert unlabelled[-1]["miou"] is None and unlabelled[-1]["pixel_accuracy"] is None and unlabelled[-1]["images"] == 2
+    for key in ("mean_class_accuracy", "mean_dice", "fwiou"):
+        assert unlabelled[-1][key] is None, key
+    assert all(r["class_accuracy"] is None and r["dice"] is None for r in unlabelled[:-1])
 
 
 def test_mask_uri_mirrors_the_input_path_and_keeps_its_extension():
@@ -280,6 +299,13 @@ def test_format_summary_fits_a_screen():
     )
     assert "3.00 frames/s" in text and "mIoU       1.0000" in text and "decode 1" in text
     assert len(text.splitlines()) <= 12
+    # Three classes, everything predicted as class 0: [[2, 0, 0], [3, 0, 0], [0, 0, 0]].
+    cm = np.array([[2, 0, 0], [3, 0, 0], [0, 0, 0]], np.int64)
+    run = artifact.Totals(3, frames=1, labelled=1, cm=cm)
+    text = infer.format_summary(infer.InferSummary("o", 1, 0, run, run, 0, 1.0, True, ("a", "b", "c")))
+    # class accuracy 2/2, 0/3 (c unlabelled): mean 0.5; Dice 4/7, 0 (c absent): mean 2/7 = 0.2857;
+    # IoU 2/5, 0: fwIoU 2/5 * 2/5 + 3/5 * 0 = 0.16
+    assert "  mean acc   0.5000   mean Dice 0.2857   fwIoU 0.1600" in text.splitlines()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -2,15 +2,18 @@
 
     python jobs/infer.py --model s3://bucket/runs/cv16 --images s3://bucket/frames \
         --output s3://bucket/predictions/cv16 [--labels s3://bucket/labels] [--use-gpu]
+        [--tta flip] [--scales 0.75,1,1.25 | --tile HxW [--overlap PX]]
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from segray.infer import InferConfig
 from segray.jobs import add_version, defaults, run_job
+from segray.tta import TTA_CHOICES, TTAError, parse_scales, parse_tile
 
 D = defaults(InferConfig)  # every flag's default comes from InferConfig
 
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="URIs are s3://bucket/prefix or local paths; S3 settings come from the AWS_* environment. "
         "Rerunning the same command over the same --output skips the inputs already there (inputs whose reading "
         "failed are tried again), so an interrupted run is completed without duplicates; a rerun with another "
-        "model, --images or --labels is refused (<output>/infer.json records them): to start over, delete the "
+        "model, --images, --labels or test-time options is refused (<output>/infer.json records them): to start over, delete the "
         "output or choose another. Every input that cannot be used is a row of <output>/errors/, never the end "
         "of the job.",
     )
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                         "frames by relative path and stem (frame k of a/clip.mp4: a/clip/<k>.png); with it, metrics "
                         "are computed")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per model replica (bf16, channels-last)")
-    parser.add_argument("--batch-size", type=int, default=D["batch_size"], help="frames per model call (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=D["batch_size"],
+                        help="frames per model call; with --tile, windows (default %(default)s)")
     parser.add_argument("--num-replicas", type=int, default=D["num_replicas"],
                         help="model replicas (actors); each takes a GPU with --use-gpu, else --cpus-per-replica")
     parser.add_argument("--cpus-per-replica", type=float, default=D["cpus_per_replica"],
@@ -63,12 +67,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-video", action="store_true",
                         help="also write <output>/overlays/<video path>.mp4 per input video: its predicted frames "
                         "with the colour mask blended in (H.264)")
+    tta = parser.add_argument_group(
+        "test-time options", "each off by default; they cost model time and change every mask, so an output is "
+        "made with one setting of them (recorded in <output>/infer.json; a rerun with others is refused)")
+    tta.add_argument("--tta", choices=TTA_CHOICES, default=D["tta"],
+                     help="flip: average the logits of each frame and of its horizontal mirror (mirrored back); "
+                     "2x the model time")
+    tta.add_argument("--scales", type=_option(parse_scales), default=D["scales"], metavar="S1,S2,...",
+                     help="multi-scale: average the logits of the model-size frame resized by each factor (bilinear, "
+                     "logits resized back), e.g. 0.75,1,1.25; model time about the sum of s^2 (x2 with --tta flip)")
+    tta.add_argument("--tile", type=_option(parse_tile), default=D["tile"], metavar="HxW",
+                     help="sliding window at each frame's own resolution (no resize): HxW windows on a grid, the "
+                     "last one in each dimension at the frame's edge, logits averaged where windows overlap; "
+                     "model time: the number of windows per frame (each window flipped too with --tta flip); "
+                     "not with --scales")
+    tta.add_argument("--overlap", type=int, default=D["overlap"], metavar="PX",
+                     help="pixels adjacent --tile windows share (stride = tile side - PX); 0 <= PX < both tile sides "
+                     "(default: a quarter of the tile's smaller side)")
     add_version(parser)
     args = parser.parse_args(argv)
 
     from segray.infer import infer
 
-    def body() -> None:
+    config = None
+
+    def configured() -> None:
+        # Checked before connecting to Ray: a bad combination of flags is one line at once.
+        nonlocal config
         config = InferConfig(
             model=args.model,
             images=args.images,
@@ -85,10 +110,27 @@ def main(argv: list[str] | None = None) -> int:
             fps=args.fps,
             frames_per_task=args.frames_per_task,
             write_video=args.write_video,
+            tta=args.tta,
+            scales=args.scales,
+            tile=args.tile,
+            overlap=args.overlap,
         )
-        infer(config)
 
-    return run_job("infer", body, gpu=args.use_gpu, verbose=args.verbose)
+    return run_job("infer", lambda: infer(config), gpu=args.use_gpu, preflight=configured, verbose=args.verbose)
+
+
+def _option(parse):
+    """An argparse type from a segray.tta parser: its message (naming the flag) as argparse's error."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except TTAError as e:
+            # argparse names the flag itself: "argument --scales: ..."
+            raise argparse.ArgumentTypeError(re.sub(r"^--[a-z-]+:? ", "", str(e))) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 if __name__ == "__main__":
