@@ -320,7 +320,8 @@ class Progress:
                 self.bar.set_description_str(f"{self.stage}: {self.desc}", refresh=False)
                 self.bar.update(self.done - self.bar.n)
                 return
-        if time.monotonic() - self.last_line >= interval_s():
+        # A full count is the final line's to show (close): a periodic one there would print it twice.
+        if time.monotonic() - self.last_line >= interval_s() and not (self.total and self.done >= self.total):
             self._line()  # outside the lock: the line goes through job_output's pipe
 
     def line(self) -> str:
