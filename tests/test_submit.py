@@ -90,6 +90,8 @@ def test_all_stages_through_ray_job_submit(ray_head, s3_prefix):
     assert 0 <= overall["miou"] <= 1 and np.isfinite(overall["pixel_accuracy"])
 
 
+# slow (~20 s): the default run submits every stage through `ray job submit` above; this is its failure path.
+@pytest.mark.slow
 def test_failed_stage_is_a_failed_job_with_its_message(ray_head, s3_prefix):
     proc = submit(ray_head, "jobs/train.py", "--data", f"{s3_prefix}/missing", "--storage", f"{s3_prefix}/runs",
                   "--name", "bad")

@@ -123,6 +123,9 @@ def test_videos_and_a_big_archive_cut_into_ranges_give_every_frame_once_as_one_r
     assert "clip.mp4#frame=17" in page and "lossless.mkv#frame=3" in page and "3.png" in page
 
 
+# slow (~40 s): --every is checked frame by frame in tests/test_video.py and a rerun's completion by
+# tests/test_reliability_kill.py in the default run; this is their union through video jobs.
+@pytest.mark.slow
 def test_every_selects_video_frames_and_a_rerun_completes_lost_parts_exactly(collection, run_job):
     root, images, labels = collection
     out, args = infer(run_job, root, images, labels, "every", "--every", "3", "--frames-per-task", "4")
