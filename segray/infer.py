@@ -35,7 +35,7 @@ from segray import tta as testtime
 from segray.classes import ClassTable
 from segray.errors import SegrayError, describe
 from segray.frames import COL_UNIT, listing_tables, load_units, plan_units, planned_rows
-from segray.metrics import iou_per_class, mean_iou, pixel_accuracy
+from segray.metrics import frequency_weighted_iou, iou_per_class, mean_class_accuracy, mean_dice, mean_iou, pixel_accuracy
 from segray.predictions import (
     ERRORS_DIR,
     METRICS_FILE,
@@ -202,8 +202,6 @@ class InferSummary:
 
 def format_summary(s: InferSummary) -> str:
     """The one-screen report printed at the end of a run."""
-    from segray.metrics import frequency_weighted_iou, mean_class_accuracy, mean_dice
-
     t = s.total
     stages = ", ".join(f"{k} {v}" for k, v in sorted(s.run.stages.items())) or "none"
     lines = [
