@@ -66,10 +66,11 @@ def frames(images: Path, size: tuple[int, int] | None) -> list[np.ndarray]:
 
 def model_seconds(model, spec, batch: list[np.ndarray], flags: list[str], batch_size: int) -> float:
     """Seconds for the model to map ``batch`` (frames of one size) under ``flags``."""
-    flip = "--tta" in flags
-    scales = tuple(float(s) for s in flags[flags.index("--scales") + 1].split(",")) if "--scales" in flags else None
-    tile = tuple(int(v) for v in flags[flags.index("--tile") + 1].split("x")) if "--tile" in flags else None
-    overlap = int(flags[flags.index("--overlap") + 1]) if tile else 0
+    value = dict(zip(flags[::2], flags[1::2]))  # every setting is "--flag value" pairs
+    flip = value.get("--tta") == tta.FLIP
+    scales = tta.parse_scales(value["--scales"]) if "--scales" in value else None
+    tile = tta.parse_tile(value["--tile"]) if "--tile" in value else None
+    overlap = int(value["--overlap"]) if tile else 0
     start = time.perf_counter()
     with torch.inference_mode():
         for k in range(0, len(batch), batch_size):
