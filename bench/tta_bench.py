@@ -1,6 +1,6 @@
 """Test-time options of infer (issue #19) on real frames: mIoU through the job, frames/s of the model.
 
-    python bench/tta_bench.py --model /tmp/q/runs/final --images ../shared/camvid/val \
+    python bench/tta_bench.py --model /tmp/q/runs/final --images ../shared/camvid/val [--precision bf16] \
         --labels ../shared/camvid/valannot --work /tmp/q/tta
 
 For each setting (none, ``--tta flip``, ``--scales 0.75,1,1.25``, both, ``--tile`` at the
@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.benchlib import median, print_table, run_cmd  # noqa: E402
 from segray import modelio, tta  # noqa: E402
+from segray.precision import PRECISIONS, autocast, compute_precision  # noqa: E402
 from segray.metrics import summarize  # noqa: E402
 from segray.predictions import read_confusion  # noqa: E402
 from segray.frames import load_frame  # noqa: E402
@@ -94,6 +95,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="the jobs' --precision, and the same compute dtype for the model timing (default auto: fp32 "
+                    "on a CPU)")
     args = ap.parse_args()
 
     if args.work.exists() and any(args.work.iterdir()) and not (args.work / MARKER).exists():
@@ -102,6 +106,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     model, spec = modelio.load_model(args.model)
     model = model.to(memory_format=torch.channels_last)
+    precision = compute_precision(args.precision, torch.device("cpu"))
+
+    def forward(x):  # the replica's pass (Predictor._forward) without Ray
+        with autocast(torch.device("cpu"), precision):
+            return model(x.contiguous(memory_format=torch.channels_last)).float()
     tile = args.tile or f"{spec.input_size[0]}x{spec.input_size[1]}"
     overlap = args.overlap if args.overlap is not None else tta.default_overlap(tta.parse_tile(tile))
     chosen = settings(tile, overlap)
@@ -115,7 +124,8 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)  # this script's own output folder (checked above)
         start = time.perf_counter()
         result = run_cmd([sys.executable, str(REPO / "jobs/infer.py"), "--model", args.model, "--images",
-                          str(args.images), "--labels", str(args.labels), "--output", str(out), *flags], timeout=3600)
+                          str(args.images), "--labels", str(args.labels), "--output", str(out),
+                          "--precision", args.precision, *flags], timeout=3600)
         wall = time.perf_counter() - start
         (args.work / f"{name}.log").write_text(result.out)
         if result.rc != 0:
@@ -136,7 +146,7 @@ def main() -> int:
     for _ in range(args.rounds):
         for name, flags in chosen.items():
             batch = native if "--tile" in flags else at_model
-            seconds[name].append(model_seconds(model, spec, batch, flags, 16))
+            seconds[name].append(model_seconds(forward, spec, batch, flags, 16))
     base = median(seconds["none"]) if "none" in seconds else None
     for name in chosen:
         fps = len(at_model) / median(seconds[name])
@@ -144,8 +154,9 @@ def main() -> int:
     table = list(rows.values())
     print_table(table, title=f"{args.model} on {args.images} ({len(at_model)} frames, model input "
                 f"{spec.input_size[0]}x{spec.input_size[1]}, frames {native[0].shape[0]}x{native[0].shape[1]}, "
-                f"{args.threads} torch threads, median of {args.rounds} rounds)")
-    (args.work / MARKER).write_text(json.dumps({"model": args.model, "settings": chosen, "rows": table}, indent=1) + "\n")
+                f"{args.threads} torch threads, {precision}, median of {args.rounds} rounds)")
+    record = {"model": args.model, "precision": precision, "settings": chosen, "rows": table}
+    (args.work / MARKER).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

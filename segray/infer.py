@@ -51,6 +51,7 @@ from segray.predictions import (
     write_results,
 )
 from segray.layout import label_color_table
+from segray.precision import PRECISIONS
 from segray.predictor import ModelLoader, Predictor, postprocess
 from segray.runtime import check_shared_storage
 
@@ -85,6 +86,7 @@ class InferConfig:
     scales: tuple[float, ...] | None = None  # multi-scale averaging of the model-size batch
     tile: tuple[int, int] | None = None  # (h, w) windows at the frame's own size
     overlap: int | None = None  # pixels windows overlap; None with a tile: tta.default_overlap
+    precision: str = "auto"  # compute dtype of the model's passes: segray/precision.py
 
     def __post_init__(self) -> None:
         try:  # normalised: tuples, the overlap resolved
@@ -105,6 +107,8 @@ class InferConfig:
             raise InferError(f"--every must be a positive integer, got {self.every!r}")
         if self.fps is not None and (not isinstance(self.fps, (int, float)) or not 0 < self.fps < float("inf")):
             raise InferError(f"--fps must be a positive number of frames per second, got {self.fps!r}")
+        if self.precision not in PRECISIONS:
+            raise InferError(f"--precision {self.precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
         if self.every is not None and self.fps is not None:
             raise InferError("--every and --fps both select video frames; pass one of them")
         for name in ("model", "images", "output"):
@@ -370,6 +374,7 @@ def run_pipeline(
             "tile": config.tile,
             "overlap": config.overlap,
             "batch_size": config.batch_size,
+            "precision": config.precision,
         },
         compute=ray.data.ActorPoolStrategy(size=config.num_replicas),
         batch_size=config.batch_size,
@@ -464,7 +469,8 @@ def infer(config: InferConfig, loader: ModelLoader = modelio.load_model) -> Infe
         flush=True,
     )
     print(f"infer: model {config.model}: input {spec.input_height}x{spec.input_width}, {num_classes} classes, "
-          f"{config.num_replicas} replica(s) on {'GPU' if config.use_gpu else 'CPU'}", flush=True)
+          f"{config.num_replicas} replica(s) on {'GPU' if config.use_gpu else 'CPU'}, --precision {config.precision}",
+          flush=True)
     options = testtime.describe(config.tta, config.scales, config.tile, config.overlap)
     if options:
         print(f"infer: test-time options: {options}", flush=True)

@@ -90,7 +90,8 @@ class Predictor:
     ``loader(uri, device) -> (model, spec)`` is modelio.load_model unless a test hands another.
     Error rows pass through untouched; the frame column is replaced by the mask column.
     On CPU the model runs in channels-last (NHWC) memory format, oneDNN's fast layout for
-    convolutions, with ``threads`` torch threads (default: cpu_threads_default).
+    convolutions, with ``threads`` torch threads (default: cpu_threads_default); ``precision``:
+    segray/precision.py.
     """
 
     def __init__(
@@ -105,9 +106,11 @@ class Predictor:
         tile: tuple[int, int] | None = None,
         overlap: int | None = None,
         batch_size: int = 16,
+        precision: str = "auto",
     ) -> None:
         import torch
 
+        from segray import precision as compute
         from segray import tta as testtime
 
         # Test-time options (segray/tta.py): frames come at the model's size, or with a tile at
@@ -130,17 +133,17 @@ class Predictor:
             torch.set_num_threads(threads or cpu_threads_default(num_replicas, _assigned_cpus()))
         self.model, self.spec = loader(model_uri, self.device)
         self.model = self.model.to(memory_format=torch.channels_last)
+        self.precision = compute.compute_precision(precision, self.device)  # "bf16" or "fp32" on this replica
+        self.autocast = compute.autocast
         self.node = node_id()  # recorded with every frame this replica predicts (COL_PREDICT_NODE)
 
     def _forward(self, x):
-        """The model on a normalised batch: channels-last, under bf16 autocast on GPU (every pass
-        of a test-time option goes through here)."""
-        torch = self.torch
-        x = x.contiguous(memory_format=torch.channels_last)
-        if self.use_gpu:
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-                return self.model(x)
-        return self.model(x)
+        """The model on a normalised batch: channels-last, under bf16 autocast with --precision's
+        bf16 (on GPU by default; every pass of a test-time option goes through here). The logits
+        leave as float32, so that averages and argmax are fp32's."""
+        x = x.contiguous(memory_format=self.torch.channels_last)
+        with self.autocast(self.device, self.precision):
+            return self.model(x).float()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(N, h, w, 3) uint8`` frames at the model's size -> ``(N, h, w) uint8`` class indices

@@ -3,11 +3,12 @@
 The recipe is the dataset (normalized URI and the sha256 of its ``dataset.json`` bytes, which a
 re-prepare always rewrites), its input size and classes, the network (``--arch`` and its
 arguments, ``--base-channels``) and the training settings that shape the weights: ``--lr``,
-``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker), ``--class-weighting``,
+``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker), ``--class-weighting``, ``--ema``,
 every augmentation setting (recipe.Augmentation) and ``--seed``. A resume that changed one
 would train one set of weights with two recipes, and metrics.json would name only the last:
 --lr, --weight-decay, --lr-schedule sized the optimizer steps so far; --batch-size the step's
-gradient noise and the steps per epoch; --class-weighting the loss; augmentation the training
+gradient noise and the steps per epoch; --class-weighting the loss; --ema which weights are
+validated and exported; augmentation the training
 distribution; --seed the shuffling and augmentation draws of every epoch.
 
 Every checkpoint's ``meta.json`` holds the recipe (the record that travels with the weights) and
@@ -53,6 +54,7 @@ TRAINING_SETTINGS: tuple[tuple[str, str], ...] = (
     ("lr_schedule", "--lr-schedule"),
     ("batch_size", "--batch-size"),
     ("class_weighting", "--class-weighting"),
+    ("ema", "--ema"),
     ("seed", "--seed"),
 )
 # Every compared setting, (recipe key, name in messages), in the order messages list them.

@@ -19,7 +19,7 @@ epoch done it only re-exports.
 
 What a run is made from (its *recipe*) and when a resume is refused: segray/runrecord.py. What
 may change on resume: ``--epochs`` (the LR schedule is stretched without a jump: segray/recipe.py),
-``--num-workers``, ``--use-gpu``, ``--cpus-per-worker``, ``--threads``, ``--max-failures``,
+``--num-workers``, ``--use-gpu``, ``--precision``, ``--cpus-per-worker``, ``--threads``, ``--max-failures``,
 ``--keep-checkpoints``, ``--checkpoint-every-steps`` (resources and bookkeeping; a mid-epoch
 checkpoint resumes at its step, or at the start of its epoch if ``--num-workers`` changed,
 segray/worker.py). A run killed before its first checkpoint has
@@ -48,6 +48,7 @@ from segray.dataset import (
 from segray.errors import ConfigError, SegrayError
 from segray.ingest import data_config, training_datasets
 from segray.model import DEFAULT_ARCH, ModelConfigError, network_config
+from segray.precision import PRECISIONS
 from segray.recipe import (
     CLASS_WEIGHTINGS,
     SCHEDULES,
@@ -118,6 +119,8 @@ class TrainConfig:
     shard_cache_bytes: int = CACHE_SHARD_MAX_BYTES  # workers keep shards up to this size in memory; 0: stream
     checkpoint_every_steps: int | None = None  # a checkpoint every N steps within an epoch too
     export: str = "auto"  # which epoch becomes model/: EXPORTS
+    precision: str = "auto"  # compute dtype of the passes: segray/precision.py
+    ema: float = 0.0  # decay of the weights' moving average (segray/averaging.py); 0: off
 
     def __post_init__(self) -> None:
         for flag, value in (("--data", self.data), ("--storage", self.storage)):
@@ -132,12 +135,9 @@ class TrainConfig:
             "--cpus-per-worker": self.cpus_per_worker,
             "--keep-checkpoints": self.keep_checkpoints,
         }
-        if self.threads is not None:
-            positive["--threads"] = self.threads
-        if self.base_channels is not None:
-            positive["--base-channels"] = self.base_channels
-        if self.checkpoint_every_steps is not None:
-            positive["--checkpoint-every-steps"] = self.checkpoint_every_steps
+        optional = {"--threads": self.threads, "--base-channels": self.base_channels,
+                    "--checkpoint-every-steps": self.checkpoint_every_steps}  # None: the default
+        positive.update({flag: value for flag, value in optional.items() if value is not None})
         for flag, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"{flag} must be a positive whole number, got {value!r}")
@@ -145,10 +145,14 @@ class TrainConfig:
             raise TrainError(f"--lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
+            raise TrainError(f"--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999, got {self.ema!r}")
         if self.lr_schedule not in SCHEDULES:
             raise TrainError(f"--lr-schedule {self.lr_schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
         if self.export not in EXPORTS:
             raise TrainError(f"--export {self.export!r} is unknown; valid: {', '.join(EXPORTS)}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"--precision {self.precision!r} is unknown; valid: {', '.join(PRECISIONS)}")
         if self.class_weighting not in CLASS_WEIGHTINGS:
             raise TrainError(
                 f"--class-weighting {self.class_weighting!r} is unknown; valid: {', '.join(CLASS_WEIGHTINGS)}"
@@ -492,6 +496,8 @@ def train(config: TrainConfig) -> TrainResult:
             recipe=current,
             config=jsonable(config.to_dict()),
             checkpoint_every_steps=config.checkpoint_every_steps,
+            precision=config.precision,
+            ema=config.ema,
         )
         steps = steps_per_epoch(payload.train_rows, config.num_workers, config.batch_size)
         # A mid-epoch checkpoint's steps too, unless another worker count restarts that epoch.

@@ -29,6 +29,7 @@ Two rules keep DDP in lock-step and make failures cheap:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -42,9 +43,11 @@ import numpy as np
 import torch
 
 from segray import console, modelio
+from segray.averaging import WeightAverage
 from segray.dataset import rows_to_arrays
 from segray.metrics import confusion_matrix, summarize
 from segray.model import build_network
+from segray.precision import autocast, compute_precision
 from segray.recipe import Augmentation, augment_batch, fresh_schedule, make_scheduler, weighted_loss_sum
 from segray.tensorboard import Curves, run_folder
 
@@ -82,6 +85,8 @@ class WorkerPayload:
     recipe: dict | None = None  # what the run is made from (runrecord.recipe); saved in every checkpoint
     config: dict = field(default_factory=dict)  # the command's TrainConfig, as a dict: saved in every checkpoint
     checkpoint_every_steps: int | None = None  # also a checkpoint every N steps within an epoch
+    precision: str = "auto"  # --precision: compute_precision() decides on each worker
+    ema: float = 0.0  # --ema: decay of the weights' moving average (segray/averaging.py); 0: off
 
 
 def _say(line: str) -> None:
@@ -133,11 +138,6 @@ def array_batches(arrays: tuple[np.ndarray, np.ndarray], batch_size: int, order:
         x = modelio.images_to_tensor(images[idx], device=device, channels_last=channels_last)
         y = torch.from_numpy(labels[idx]).to(device, non_blocking=True).long()
         yield x, y
-
-
-def _autocast(device: torch.device):
-    # bf16 on GPU: the speed of fp16 without loss scaling; CPU autocast is slower for convs.
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -197,13 +197,14 @@ def train_one_epoch(
     totals: torch.Tensor | None = None,
     after_step=None,
     agree: bool = True,
+    precision: str = "fp32",
 ):
     """Steps ``first_step``..``steps - 1`` of one epoch over this worker's shard (``batches``
     holds those steps' batches). Every rank runs the same steps: the epoch ends for all at
     ``steps`` or, with ``agree`` (batch counts that may differ between ranks), as soon as one
     rank has no batch left. Step k's augmentation draws from a
     generator seeded with (``seed``, k), so a resumed epoch augments its steps as the first pass
-    did. ``after_step(k, totals)`` runs after step k (1-based). Returns (loss sum, weight sum,
+    did. ``precision``: compute_precision's. ``after_step(k, totals)`` runs after step k (1-based). Returns (loss sum, weight sum,
     images) of this worker, added to ``totals``."""
     model.train()
     if totals is None:
@@ -218,9 +219,9 @@ def train_one_epoch(
         if augmentation.enabled:
             generator.manual_seed(_seed_for(seed, step))
             x, y = augment_batch(x, y, generator, augmentation, void_index)
-            if device.type == "cuda":
+            if precision == "bf16":
                 x = x.contiguous(memory_format=torch.channels_last)  # grid_sample returns NCHW-contiguous
-        with _autocast(device):
+        with autocast(device, precision):
             logits = model(x)
         loss_sum, denom = weighted_loss_sum(logits, y, weight, void_index)
         loss = loss_sum / denom.clamp_min(1e-12)
@@ -238,13 +239,13 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, batches, weight, device, num_classes: int, void_index: int):
+def evaluate(model, batches, weight, device, num_classes: int, void_index: int, precision: str = "fp32"):
     """This worker's (confusion matrix (C, C) int64, [loss*weight, weight] float64) on its val shard."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in batches:
-        with _autocast(device):
+        with autocast(device, precision):
             logits = model(x)
         loss_sum, denom = weighted_loss_sum(logits, y, weight, void_index)
         loss += torch.stack([loss_sum.double(), denom.double()])
@@ -279,6 +280,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     on_gpu = device.type == "cuda"
     if not on_gpu:
         torch.set_num_threads(p.threads)
+    precision = compute_precision(p.precision, device)
+    channels_last = precision == "bf16"  # oneDNN's and cuDNN's bf16 convs are fastest in NHWC
+    if rank == 0 and p.precision == "bf16" and precision != "bf16":
+        _say("train: --precision bf16: this CPU has no native bf16 (AMX or AVX512-BF16); training in fp32")
 
     torch.manual_seed(p.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = build_network(p.arch, p.model_args)
@@ -292,7 +297,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     state = _load_checkpoint(checkpoint) if checkpoint else None
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("trained") or state["model"])  # "model" is the average with --ema
         start_epoch, history = int(state["epoch"]), list(state["history"])
         start_step, partial = int(state.get("step", 0)), state.get("partial")
         if start_step and state.get("world") != world:  # another shard size: that epoch starts over
@@ -301,9 +306,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             at = f" and step {start_step} of epoch {start_epoch + 1}" if start_step else ""
             _say(f"train: worker resumed after epoch {start_epoch}{at} of {p.epochs}")
 
-    if on_gpu:
-        if world > 1:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    if on_gpu and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BN statistics over the global batch
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # to the device, DDP when world > 1 (gloo on CPU)
     net = model.module if hasattr(model, "module") else model
@@ -314,6 +319,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # From the epoch position and the knots, not from the checkpoint's step count (module docstring).
     scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch + start_step / steps, steps)
     weight = torch.tensor(p.class_weights, device=device) if p.class_weights else None
+    # --ema: the average is what is validated, checkpointed as "model" and exported; the trained
+    # weights travel as "trained" for a resume. Its warm-up counts the run's steps.
+    ema = WeightAverage(net, p.ema, state["model"] if state is not None and "trained" in state else None,
+                        start_epoch * steps + start_step) if p.ema else None
 
     nodes = _node_ids(ray.get_runtime_context().get_node_id(), world)  # by rank: where this attempt runs
     val_shard = ray.train.get_dataset_shard(VAL_SPLIT)
@@ -332,16 +341,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         on first use; reshuffled with ``shuffle_seed``: the same order again), else streamed
         through Ray Data (its first ``skip`` batches read and dropped; rows dealt anew each pass)."""
         if not p.cache_shards:
-            return itertools.islice(_batches(shard, p, device, on_gpu, shuffle_seed), skip, None)
+            return itertools.islice(_batches(shard, p, device, channels_last, shuffle_seed), skip, None)
         if split not in cached:
             cached[split] = read_shard(shard, p)
         rows = len(cached[split][0])
         order = np.arange(rows) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(rows)
-        return array_batches(cached[split], p.batch_size, order[skip * p.batch_size:], device, on_gpu)
+        return array_batches(cached[split], p.batch_size, order[skip * p.batch_size:], device, channels_last)
 
     def state_of(epochs_done: int, step: int = 0, partial: list | None = None) -> dict:
         return {
-            "model": net.state_dict(),
+            "model": ema.state if ema else net.state_dict(),
+            **({"trained": net.state_dict()} if ema else {}),
             "optimizer": optimizer.state_dict(),
             "epoch": epochs_done,
             "step": step,  # steps done of epoch epochs_done + 1 (a mid-epoch checkpoint)
@@ -361,7 +371,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state is None:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        meta = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+        meta = {k: v for k, v in state.items() if k not in ("model", "trained", "optimizer")}
         with tempfile.TemporaryDirectory() as d:
             _save_checkpoint(d, state, meta)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
@@ -375,6 +385,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = batches_of(TRAIN_SPLIT, train_shard, _seed_for(p.seed, rank, epoch, 1), skip=first)
 
         def after_step(k: int, totals: torch.Tensor) -> None:
+            if ema:
+                ema.update(net)
             console.report_position(progress, (epoch - 1) * steps + k, f"epoch {epoch}/{p.epochs}")
             if p.checkpoint_every_steps and k % p.checkpoint_every_steps == 0 and k < steps:
                 sums = _all_reduce(totals.clone()).tolist()  # every rank's, so that rank 0 keeps them all
@@ -388,14 +400,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         train_totals = _all_reduce(
             train_one_epoch(
                 model, optimizer, scheduler, batches, weight, _seed_for(p.seed, rank, epoch), p.augmentation, device,
-                p.void_index, steps, first, totals, after_step, agree=not p.cache_shards,
+                p.void_index, steps, first, totals, after_step, agree=not p.cache_shards, precision=precision,
             )
         )
         train_time = time.perf_counter() - t0 + carried_s
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
         _rank0_buffers(net)
-        cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
-                                p.void_index)
+        with ema.swapped_into(net) if ema else contextlib.nullcontext():
+            if ema:
+                _rank0_buffers(net)  # the average's BatchNorm statistics: rank 0's too
+            cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
+                                    p.void_index, precision)
         # Counts and sums from every worker first; ratios only after (metrics.py).
         cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
         epoch_time = time.perf_counter() - t0 + carried_s
@@ -417,6 +432,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_time_s": train_time,
             "epoch_time_s": epoch_time,
             "world_size": world,
+            "precision": precision,  # rank 0's compute dtype (compute_precision)
             "nodes": nodes,  # the Ray node id of each rank, in rank order
         }
         history.append(metrics)

@@ -21,6 +21,7 @@ import torch
 from conftest import BUCKET, REPO
 
 from segray import modelio, storage
+from segray.precision import native_bf16_cpu
 from segray.camvid import NUM_CLASSES, VOID_INDEX
 from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_files
 from segray.metrics import confusion_matrix_np, summarize
@@ -30,7 +31,7 @@ TRAIN, VAL, SIZE = 128, 24, (32, 48)
 # 2 workers x 4 images); measured with bench/train_plain.py on the same data: val mIoU
 # ~0.10-0.14 after epoch 1 and ~0.28-0.34 after epoch 4 over seeds 0-2 (one DDP run had 0.19
 # after epoch 1: the runs are not bitwise reproducible, shards are handed out dynamically).
-ARGS = ["--num-workers", "2", "--batch-size", "4", "--base-channels", "8", "--lr", "0.003", "--seed", "0"]
+ARGS = ["--num-workers", "2", "--batch-size", "4", "--base-channels", "8", "--lr", "0.003", "--seed", "0", "--ema", "0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,12 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     best = max(history, key=lambda h: (h["val_miou"], h["epoch"]))
     assert m1["best_epoch"] == best["epoch"] and m1["best"] == best and m1["final"] == history[-1]
     assert m1["config"]["lr"] == 0.003 and m1["config"]["base_channels"] == 8
+    # --ema: the moving average is what is validated, checkpointed as "model" and exported (checked
+    # below: the export reproduces the best epoch's val metrics); the trained weights are "trained".
+    assert m1["config"]["ema"] == 0.9
+    state4 = modelio.load_tensors(storage.read_bytes(f"{run}/checkpoint_epoch_0004/state.pt"), "state.pt")
+    assert state4["model"].keys() == state4["trained"].keys()
+    assert not all(torch.equal(v, state4["trained"][k]) for k, v in state4["model"].items()), "no average"
 
     # Learning: val mIoU climbs well above where it started and above chance (see chance_miou).
     images, labels = val_arrays(data)
@@ -144,13 +151,17 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     # The same command with more epochs resumes after epoch 4: epochs 1-4 are not redone. This run
     # streams its shards through Ray Data every epoch, as a dataset too big to cache would
     # (the first kept them in worker memory after epoch 1).
+    # It also switches to --precision bf16 (a compute setting, like --use-gpu: it may change).
     second = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "5", *ARGS,
-                     env={"SEGRAY_SHARD_CACHE_BYTES": "0"}, check=True)
+                     "--precision", "bf16", env={"SEGRAY_SHARD_CACHE_BYTES": "0"}, check=True)
     assert f"resuming {run} after epoch 4" in second.stdout
     assert epochs_trained(second) == [5], (second.stdout + second.stderr)[-3000:]
     m2 = json.loads(storage.read_bytes(f"{run}/metrics.json"))
     assert [h["epoch"] for h in m2["history"]] == [1, 2, 3, 4, 5]
     assert m2["history"][:4] == history  # carried over from the checkpoint, not retrained
+    native = native_bf16_cpu()
+    assert [h["precision"] for h in m2["history"]] == ["fp32"] * 4 + ["bf16" if native else "fp32"]
+    assert ("this CPU has no native bf16" in second.stdout) == (not native)
     assert "(1 this run)" in second.stdout.strip().splitlines()[-1]
     assert re.findall(r"^train: epoch 5/5: +100% (\d+)/(\d+) \[", second.stdout, re.M) == [("80", "80")]
 
@@ -194,11 +205,12 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     other = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "6",
                     "--base-channels", "16")
     assert other.returncode == 1
-    # (This command also leaves out ARGS: --lr and --batch-size are back at their defaults.)
+    # (This command also leaves out ARGS: --lr, --batch-size and --ema are back at their defaults.)
     last = other.stderr.strip().splitlines()[-1]
     assert last == (f"train: error: TrainError: {run} cannot resume: --base-channels was 8, this command has 16; "
-                    "--lr was 0.003, this command has 0.001; --batch-size was 4, this command has 8; pass the same "
-                    "--base-channels, --lr and --batch-size to resume it, or a new --name to start a new run"), last
+                    "--lr was 0.003, this command has 0.001; --batch-size was 4, this command has 8; --ema was 0.9, "
+                    "this command has 0.0; pass the same --base-channels, --lr, --batch-size and --ema to resume it, "
+                    "or a new --name to start a new run"), last
 
 
 def fails_fast(proc, message: str, runs: str | None = None) -> None:

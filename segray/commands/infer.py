@@ -12,6 +12,7 @@ import re
 import sys
 
 from segray.infer import InferConfig
+from segray.precision import PRECISION_HELP, PRECISIONS
 from segray.jobs import add_version, defaults, run_job
 from segray.tta import TTA_CHOICES, TTAError, parse_scales, parse_tile
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=D["threads"],
                         help="torch threads per CPU replica (default: the machine's cores / --num-replicas, at least "
                         "--cpus-per-replica; decoding shares the cores)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=D["precision"], help=PRECISION_HELP)
     parser.add_argument("--rows-per-file", type=int, default=D["rows_per_file"],
                         help="rows per Parquet part file of predictions/ and errors/ (default %(default)s)")
     parser.add_argument("--write-masks", action="store_true",
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             scales=args.scales,
             tile=args.tile,
             overlap=args.overlap,
+            precision=args.precision,
         )
 
     return run_job("infer", lambda: infer(config), gpu=args.use_gpu, preflight=configured, verbose=args.verbose)

@@ -20,6 +20,7 @@ import sys
 
 from segray.jobs import add_version, defaults, run_job
 from segray.preprocess import parse_size
+from segray.precision import PRECISION_HELP, PRECISIONS
 from segray.train import CLASS_WEIGHTINGS, EXPORTS, SCHEDULES, TrainConfig, TrainError
 
 D = defaults(TrainConfig)  # every flag's default comes from TrainConfig
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rerunning the same command resumes after the latest checkpoint; a higher --epochs trains on, "
         "the rest of the LR schedule stretched over the new epochs (no jump). A rerun with another --data (or the "
         "same one re-prepared), --arch or its arguments, --lr, --weight-decay, --lr-schedule, --batch-size, "
-        "--class-weighting, an augmentation setting or --seed is refused: pass the recorded value (run.json in the "
-        "run folder) or a new --name. --num-workers, --use-gpu, --cpus-per-worker, --threads, --max-failures and "
+        "--class-weighting, --ema, an augmentation setting or --seed is refused: pass the recorded value (run.json in the "
+        "run folder) or a new --name. --num-workers, --use-gpu, --precision, --cpus-per-worker, --threads, --max-failures and "
         "--keep-checkpoints may change. URIs are s3://bucket/prefix or local paths; S3 settings come from the "
         "AWS_* environment; SEGRAY_SHARD_CACHE_BYTES (default %d) caps the shard a worker keeps in memory "
         "(0: stream every epoch)." % D["shard_cache_bytes"],
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-workers", type=int, default=D["num_workers"],
                         help="Ray Train workers, one model replica each (default %(default)s)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker (bf16, SyncBatchNorm, channels_last)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=D["precision"], help=PRECISION_HELP)
     parser.add_argument("--batch-size", type=int, default=D["batch_size"],
                         help="images per worker and step (default %(default)s)")
     parser.add_argument("--lr", type=float, default=D["lr"], help="Adam learning rate (default %(default)s)")
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="learning rate over the run (default %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=D["weight_decay"],
                         help="decoupled weight decay, AdamW (default %(default)s)")
+    parser.add_argument("--ema", type=float, default=D["ema"], metavar="DECAY",
+                        help="validate, checkpoint and export an exponential moving average of the weights (and "
+                        "BatchNorm statistics), updated every step with this decay after a warm-up, e.g. 0.998 "
+                        "(default %(default)s: off, the trained weights)")
     parser.add_argument("--arch", default=D["arch"], metavar="NAME",
                         help=f"the network, by name (default %(default)s). {networks}")
     parser.add_argument("--arch-arg", dest="arch_args", type=_arch_arg, action="append", default=[],
