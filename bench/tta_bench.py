@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.benchlib import median, print_table, run_cmd  # noqa: E402
 from segray import modelio, tta  # noqa: E402
-from segray.precision import PRECISIONS, autocast, compute_precision  # noqa: E402
+from segray.precision import PRECISIONS  # noqa: E402
+from segray.predictor import Predictor  # noqa: E402
 from segray.metrics import summarize  # noqa: E402
 from segray.predictions import read_confusion  # noqa: E402
 from segray.frames import load_frame  # noqa: E402
@@ -103,14 +104,9 @@ def main() -> int:
     if args.work.exists() and any(args.work.iterdir()) and not (args.work / MARKER).exists():
         sys.exit(f"{args.work} holds files this script did not write; pass an empty or new --work")
     args.work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)
-    model, spec = modelio.load_model(args.model)
-    model = model.to(memory_format=torch.channels_last)
-    precision = compute_precision(args.precision, torch.device("cpu"))
-
-    def forward(x):  # the replica's pass (Predictor._forward) without Ray
-        with autocast(torch.device("cpu"), precision):
-            return model(x.contiguous(memory_format=torch.channels_last)).float()
+    # The replica itself, without Ray: its model, threads, precision and pass (Predictor._forward).
+    replica = Predictor(args.model, threads=args.threads, precision=args.precision)
+    spec, forward, precision = replica.spec, replica._forward, replica.precision
     tile = args.tile or f"{spec.input_size[0]}x{spec.input_size[1]}"
     overlap = args.overlap if args.overlap is not None else tta.default_overlap(tta.parse_tile(tile))
     chosen = settings(tile, overlap)

@@ -204,8 +204,8 @@ def train_one_epoch(
     ``steps`` or, with ``agree`` (batch counts that may differ between ranks), as soon as one
     rank has no batch left. Step k's augmentation draws from a
     generator seeded with (``seed``, k), so a resumed epoch augments its steps as the first pass
-    did. ``precision``: compute_precision's. ``after_step(k, totals)`` runs after step k (1-based). Returns (loss sum, weight sum,
-    images) of this worker, added to ``totals``."""
+    did. ``precision``: compute_precision's. ``after_step(k, totals)`` runs after step k
+    (1-based). Returns (loss sum, weight sum, images) of this worker, added to ``totals``."""
     model.train()
     if totals is None:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*weight, weight, images
@@ -405,10 +405,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         train_time = time.perf_counter() - t0 + carried_s
         # The bare module: DDP's forward syncs buffers across ranks, and val shards differ in size.
-        _rank0_buffers(net)
+        # With --ema the average is scored (its BatchNorm statistics rank 0's too).
         with ema.swapped_into(net) if ema else contextlib.nullcontext():
-            if ema:
-                _rank0_buffers(net)  # the average's BatchNorm statistics: rank 0's too
+            _rank0_buffers(net)
             cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
                                     p.void_index, precision)
         # Counts and sums from every worker first; ratios only after (metrics.py).
