@@ -4,7 +4,7 @@
 
     model.pt      the network's state_dict, loadable with ``torch.load(..., weights_only=True)``
     config.json   ModelSpec: network name (arch) and config, classes, palette, void index, input size,
-                  normalisation
+                  normalisation, and the logit bias that prediction adds (train --logit-adjust; null: none)
 
 so inference rebuilds the model from the folder alone, without unpickling arbitrary objects.
 
@@ -57,6 +57,8 @@ class ModelSpec:
     std: tuple[float, float, float] = DEFAULT_STD
     format: str = FORMAT
     arch: str = DEFAULT_ARCH  # registry name of the network, segray.model.NETWORKS
+    # (C,) added to the network's logits by load_model's model: train --logit-adjust (recipe.logit_bias).
+    logit_bias: list[float] | None = None
 
     @property
     def network(self) -> NetworkConfig:
@@ -148,7 +150,25 @@ def load_spec(uri: str) -> ModelSpec:
     if classes != num_classes:
         raise ModelError(f"{config_uri}: {classes} classes listed but the network has num_classes={num_classes}; "
                          "export the model again")
+    bias = spec.logit_bias
+    if bias is not None and not (isinstance(bias, list) and len(bias) == classes and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b) for b in bias)):
+        raise ModelError(f"{config_uri}: logit_bias must be null or {classes} finite numbers, one per class, got "
+                         f"{str(bias)[:200]}; export the model again")
     return spec
+
+
+class LogitBias(torch.nn.Module):
+    """An exported network plus its config's ``logit_bias`` (C,): what load_model returns for a
+    model trained with --logit-adjust. The sum is float32 (a bf16 autocast's logits promote)."""
+
+    def __init__(self, net: torch.nn.Module, bias: list[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.bias
 
 
 def load_tensors(data: bytes, name: str):
@@ -183,7 +203,8 @@ def fingerprint(uri: str) -> str:
 
 
 def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
-    """Rebuild the exported model from ``uri`` (run folder or ``model/``), in eval mode on ``device``."""
+    """Rebuild the exported model from ``uri`` (run folder or ``model/``), in eval mode on ``device``;
+    with a ``logit_bias`` in its config, wrapped in :class:`LogitBias`."""
     spec = load_spec(uri)
     weights_uri = storage.join(model_dir(uri), WEIGHTS_FILE)
     state = load_tensors(storage.read_bytes(weights_uri), weights_uri)
@@ -202,4 +223,6 @@ def load_model(uri: str, device: torch.device | str = "cpu") -> tuple[torch.nn.M
             f"{weights_uri}: the weights do not fit the network of {CONFIG_FILE} {spec.arch} {spec.model} ({reason[:300]}); "
             "the two files must come from the same export"
         ) from None
+    if spec.logit_bias is not None:
+        model = LogitBias(model, spec.logit_bias)
     return model.to(device).eval(), spec

@@ -140,6 +140,21 @@ def class_weights(weighting: str, counts: Sequence[int]) -> np.ndarray | None:
     raise ValueError(f"unknown class weighting {weighting!r}; valid: {', '.join(CLASS_WEIGHTINGS)}")
 
 
+def logit_bias(tau: float, weights: Sequence[float] | None) -> tuple[float, ...] | None:
+    """What ``--logit-adjust TAU`` adds to the logits before the argmax: ``-TAU * log(w_c)`` for
+    the class weights ``w`` of --class-weighting (None when TAU is 0 or there are no weights).
+
+    A loss that weighs class c by w_c is minimised by scores whose softmax is proportional to
+    ``w_c * p(c|x)``: the rare classes' scores are pushed up by ``log w_c``, and an unseen street
+    gets poles, fences and cars where there are none. TAU 1 removes that shift at prediction time
+    and keeps the weighted gradient's effect on what the network learns (the logit adjustment of
+    Menon et al., 2021, for the prior a weighted loss induces); TAU between 0 and 1 removes part.
+    """
+    if not tau or weights is None:
+        return None
+    return tuple(float(-tau * math.log(w)) for w in weights)
+
+
 def lr_factor(schedule: str, progress: float) -> float:
     """Multiplier of the base learning rate at ``progress`` in [0, 1] of all training steps."""
     p = min(max(progress, 0.0), 1.0)

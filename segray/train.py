@@ -49,16 +49,8 @@ from segray.errors import ConfigError, SegrayError
 from segray.ingest import data_config, training_datasets
 from segray.model import DEFAULT_ARCH, ModelConfigError, network_config
 from segray.precision import PRECISIONS
-from segray.recipe import (
-    CLASS_WEIGHTINGS,
-    SCHEDULES,
-    Augmentation,
-    class_weights,
-    extend_schedule,
-    fresh_schedule,
-    lr_factor,
-    schedule_progress,
-)
+from segray.recipe import CLASS_WEIGHTINGS, SCHEDULES, Augmentation, class_weights, extend_schedule, fresh_schedule
+from segray.recipe import logit_bias, lr_factor, schedule_progress
 from segray.runrecord import check_run_folder, finite, jsonable, dataset_sha256, legacy_recipe, recipe
 from segray.runrecord import resume_refusal, write_config_file, write_run_file
 from segray.worker import (
@@ -121,6 +113,7 @@ class TrainConfig:
     export: str = "auto"  # which epoch becomes model/: EXPORTS
     precision: str = "auto"  # compute dtype of the passes: segray/precision.py
     ema: float = 0.0  # decay of the weights' moving average (segray/averaging.py); 0: off
+    logit_adjust: float = 0.0  # validation and export subtract this x log(class weight) from the logits (recipe.logit_bias)
 
     def __post_init__(self) -> None:
         for flag, value in (("--data", self.data), ("--storage", self.storage)):
@@ -128,13 +121,8 @@ class TrainConfig:
                 raise TrainError(f"{flag} is empty; pass s3://bucket/prefix or a local path")
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise TrainError(f"--name {self.name!r}: use letters, digits, '.', '_' and '-' (no '/'), e.g. unet-camvid")
-        positive = {
-            "--epochs": self.epochs,
-            "--num-workers": self.num_workers,
-            "--batch-size": self.batch_size,
-            "--cpus-per-worker": self.cpus_per_worker,
-            "--keep-checkpoints": self.keep_checkpoints,
-        }
+        positive = {"--epochs": self.epochs, "--num-workers": self.num_workers, "--batch-size": self.batch_size,
+                    "--cpus-per-worker": self.cpus_per_worker, "--keep-checkpoints": self.keep_checkpoints}
         optional = {"--threads": self.threads, "--base-channels": self.base_channels,
                     "--checkpoint-every-steps": self.checkpoint_every_steps}  # None: the default
         positive.update({flag: value for flag, value in optional.items() if value is not None})
@@ -147,6 +135,11 @@ class TrainConfig:
             raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
             raise TrainError(f"--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999, got {self.ema!r}")
+        if not (isinstance(self.logit_adjust, (int, float)) and 0 <= self.logit_adjust <= 10):
+            raise TrainError(f"--logit-adjust must be a number from 0 (off) to 10, e.g. 1, got {self.logit_adjust!r}")
+        if self.logit_adjust and self.class_weighting == "none":
+            raise TrainError("--logit-adjust undoes the shift of --class-weighting, and --class-weighting none has "
+                             "none: drop --logit-adjust or pick a weighting")
         if self.lr_schedule not in SCHEDULES:
             raise TrainError(f"--lr-schedule {self.lr_schedule!r} is unknown; valid: {', '.join(SCHEDULES)}")
         if self.export not in EXPORTS:
@@ -385,6 +378,7 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
         classes=list(info.classes),
         palette=[list(c) for c in info.palette],
         void_index=info.void_index,
+        logit_bias=logit_bias(config.logit_adjust, class_weights(config.class_weighting, info.class_pixel_counts)),
     )
     model_uri = storage.join(config.run_uri, modelio.MODEL_DIR)
     modelio.save_model(model_uri, state["model"], spec)
@@ -490,6 +484,7 @@ def train(config: TrainConfig) -> TrainResult:
             threads=config.torch_threads,
             augmentation=config.augmentation,
             class_weights=None if weights is None else tuple(float(w) for w in weights),
+            logit_bias=logit_bias(config.logit_adjust, weights),
             cache_shards=shard_cache_fits(info.splits[TRAIN_SPLIT], info.splits[VAL_SPLIT], config.num_workers,
                                           info.height, info.width, config.shard_cache_bytes),
             schedule_knots=tuple((float(e), float(p)) for e, p in knots),

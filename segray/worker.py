@@ -80,6 +80,7 @@ class WorkerPayload:
     threads: int  # torch threads of a CPU worker
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_weights: tuple[float, ...] | None = None  # None: unweighted cross-entropy
+    logit_bias: tuple[float, ...] | None = None  # added to the logits before validation's argmax (--logit-adjust)
     cache_shards: bool = False  # shards in memory: train's from ingest.py, val's after epoch 1 (train.shard_cache_fits)
     schedule_knots: tuple[tuple[float, float], ...] = ()  # the run's LR schedule; () = fresh_schedule(epochs)
     recipe: dict | None = None  # what the run is made from (runrecord.recipe); saved in every checkpoint
@@ -239,9 +240,12 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model, batches, weight, device, num_classes: int, void_index: int, precision: str = "fp32"):
-    """This worker's (confusion matrix (C, C) int64, [loss*weight, weight] float64) on its val shard."""
+def evaluate(model, batches, weight, device, num_classes: int, void_index: int, precision: str = "fp32",
+             bias: torch.Tensor | None = None):
+    """This worker's (confusion matrix (C, C) int64, [loss*weight, weight] float64) on its val shard.
+    ``bias`` (C,) is added to the logits before the argmax (not in the loss): --logit-adjust."""
     model.eval()
+    bias = None if bias is None else bias.view(1, -1, 1, 1)
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in batches:
@@ -249,7 +253,7 @@ def evaluate(model, batches, weight, device, num_classes: int, void_index: int, 
             logits = model(x)
         loss_sum, denom = weighted_loss_sum(logits, y, weight, void_index)
         loss += torch.stack([loss_sum.double(), denom.double()])
-        cm += confusion_matrix(y, logits.argmax(dim=1), num_classes, void_index)
+        cm += confusion_matrix(y, (logits if bias is None else logits.float() + bias).argmax(dim=1), num_classes, void_index)
     return cm, loss
 
 
@@ -319,6 +323,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # From the epoch position and the knots, not from the checkpoint's step count (module docstring).
     scheduler = make_scheduler(optimizer, p.lr, p.lr_schedule, knots, start_epoch + start_step / steps, steps)
     weight = torch.tensor(p.class_weights, device=device) if p.class_weights else None
+    bias = torch.tensor(p.logit_bias, device=device) if p.logit_bias else None
     # --ema: the average is what is validated, checkpointed as "model" and exported; the trained
     # weights travel as "trained" for a resume. Its warm-up counts the run's steps.
     ema = WeightAverage(net, p.ema, state["model"] if state is not None and "trained" in state else None,
@@ -409,7 +414,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with ema.swapped_into(net) if ema else contextlib.nullcontext():
             _rank0_buffers(net)
             cm, val_loss = evaluate(net, batches_of(VAL_SPLIT, val_shard, None), weight, device, len(p.classes),
-                                    p.void_index, precision)
+                                    p.void_index, precision, bias)
         # Counts and sums from every worker first; ratios only after (metrics.py).
         cm, val_loss = _all_reduce(cm), _all_reduce(val_loss)
         epoch_time = time.perf_counter() - t0 + carried_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -25,13 +26,15 @@ from segray.precision import native_bf16_cpu
 from segray.camvid import NUM_CLASSES, VOID_INDEX
 from segray.dataset import COL_IMAGE, COL_LABEL, load_info, rows_to_arrays, split_files
 from segray.metrics import confusion_matrix_np, summarize
+from segray.recipe import class_weights
 
 TRAIN, VAL, SIZE = 128, 24, (32, 48)
 # lr 3e-3 rather than 1e-3: a clear learning signal within 4 short epochs (16 steps each with
 # 2 workers x 4 images); measured with bench/train_plain.py on the same data: val mIoU
 # ~0.10-0.14 after epoch 1 and ~0.28-0.34 after epoch 4 over seeds 0-2 (one DDP run had 0.19
 # after epoch 1: the runs are not bitwise reproducible, shards are handed out dynamically).
-ARGS = ["--num-workers", "2", "--batch-size", "4", "--base-channels", "8", "--lr", "0.003", "--seed", "0", "--ema", "0.9"]
+ARGS = ["--num-workers", "2", "--batch-size", "4", "--base-channels", "8", "--lr", "0.003", "--seed", "0", "--ema", "0.9",
+        "--logit-adjust", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +141,12 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
 
     # Every val row counted exactly once across the two workers (no rows dropped by sharding).
     assert best["val_pixels"] == int((labels != VOID_INDEX).sum())
-    # The exported model is the best epoch's and reproduces its val metrics in this process.
+    # The exported model is the best epoch's and reproduces its val metrics in this process: with
+    # --logit-adjust 1, validation and the export both add -log(class weight) to the logits.
     model, spec = modelio.load_model(run)
     assert spec.input_size == SIZE and spec.network.base_channels == 8 and spec.void_index == VOID_INDEX
+    weights = class_weights("sqrt_median_freq", load_info(data).class_pixel_counts)
+    assert spec.logit_bias == pytest.approx([-math.log(w) for w in weights]) and isinstance(model, modelio.LogitBias)
     with torch.no_grad():
         logits = model(modelio.images_to_tensor(images, spec.mean, spec.std))
     assert logits.shape == (len(images), NUM_CLASSES, *SIZE)
@@ -197,7 +203,7 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     m3 = json.loads(storage.read_bytes(f"{run}/metrics.json"))
     assert m3["exported"] == {"rule": "last", "epoch": 5, "val_in_train": False} and m3["best"] == m2["best"]
     state = modelio.load_tensors(storage.read_bytes(f"{run}/checkpoint_epoch_0005/state.pt"), "state.pt")
-    exported = modelio.load_model(run)[0].state_dict()
+    exported = modelio.load_model(run)[0].net.state_dict()
     assert all(torch.equal(exported[k], v) for k, v in state["model"].items()), "model/ is not epoch 5"
     assert m2["exported"]["rule"] == "best" and m2["exported"]["epoch"] == m2["best_epoch"]
 
@@ -205,11 +211,13 @@ def test_train_resumes_exports_and_learns(prepared, run_job, tmp_path):
     other = run_job("train", "--data", data, "--storage", runs, "--name", "unet", "--epochs", "6",
                     "--base-channels", "16")
     assert other.returncode == 1
-    # (This command also leaves out ARGS: --lr, --batch-size and --ema are back at their defaults.)
+    # (This command also leaves out ARGS: --lr, --batch-size, --ema and --logit-adjust are back at
+    # their defaults.)
     last = other.stderr.strip().splitlines()[-1]
     assert last == (f"train: error: TrainError: {run} cannot resume: --base-channels was 8, this command has 16; "
                     "--lr was 0.003, this command has 0.001; --batch-size was 4, this command has 8; --ema was 0.9, "
-                    "this command has 0.0; pass the same --base-channels, --lr, --batch-size and --ema to resume it, "
+                    "this command has 0.0; --logit-adjust was 1.0, this command has 0.0; pass the same "
+                    "--base-channels, --lr, --batch-size, --ema and --logit-adjust to resume it, "
                     "or a new --name to start a new run"), last
 
 

@@ -5,8 +5,8 @@ checkpoints in object storage.
 
 Rerunning the same command (same --storage and --name) resumes after the latest checkpoint. A
 rerun that changes what the run is made from (--data or its content, --lr, --weight-decay,
---lr-schedule, --batch-size, --class-weighting, an augmentation setting, --seed, --arch and its
-arguments, --base-channels) is refused before any worker starts; a higher --epochs continues the
+--lr-schedule, --batch-size, --class-weighting, --ema, --logit-adjust, an augmentation setting,
+--seed, --arch and its arguments, --base-channels) is refused before any worker starts; a higher --epochs continues the
 LR schedule without a jump (segray/recipe.py's docstring).
 """
 
@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rerunning the same command resumes after the latest checkpoint; a higher --epochs trains on, "
         "the rest of the LR schedule stretched over the new epochs (no jump). A rerun with another --data (or the "
         "same one re-prepared), --arch or its arguments, --lr, --weight-decay, --lr-schedule, --batch-size, "
-        "--class-weighting, --ema, an augmentation setting or --seed is refused: pass the recorded value (run.json in the "
-        "run folder) or a new --name. --num-workers, --use-gpu, --precision, --cpus-per-worker, --threads, --max-failures and "
-        "--keep-checkpoints may change. URIs are s3://bucket/prefix or local paths; S3 settings come from the "
-        "AWS_* environment; SEGRAY_SHARD_CACHE_BYTES (default %d) caps the shard a worker keeps in memory "
-        "(0: stream every epoch)." % D["shard_cache_bytes"],
+        "--class-weighting, --ema, --logit-adjust, an augmentation setting or --seed is refused: pass the recorded "
+        "value (run.json in the run folder) or a new --name. --num-workers, --use-gpu, --precision, --cpus-per-worker, "
+        "--threads, --max-failures and --keep-checkpoints may change. URIs are s3://bucket/prefix or local paths; "
+        "S3 settings come from the AWS_* environment; SEGRAY_SHARD_CACHE_BYTES (default %d) caps the shard a worker keeps in "
+        "memory (0: stream every epoch)." % D["shard_cache_bytes"],
     )
     parser.add_argument("--recipe", default=None, metavar="FILE",
                         help="a recipe file (.yaml, .yml or .toml; local or s3://): flag names as keys (batch-size "
@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cross-entropy class weights from dataset.json pixel counts: median_freq (median/freq, "
                         "capped at 50), sqrt_median_freq (its square root: softer, the default: +0.06 val mIoU on CamVid, "
                         "docs/quality.md), none")
+    parser.add_argument("--logit-adjust", type=float, default=D["logit_adjust"], metavar="TAU",
+                        help="validation and the exported model subtract TAU x log(class weight) from the logits "
+                        "before the argmax: 1 undoes the shift toward rare classes that --class-weighting teaches, "
+                        "keeping its effect on what is learned (fewer false poles, fences and cars on unseen streets, "
+                        "docs/quality.md); model/config.json holds the bias (default %(default)s: off)")
     parser.add_argument("--no-augment", dest="enabled", action="store_false",
                         help="turn off random flip, scale-crop and colour jitter of training images")
     parser.add_argument("--scale-range", type=_scale_range, default=A.scale_range, metavar="LO,HI",
