@@ -307,6 +307,30 @@ def color_jitter(
     return ((rgb - m) / s).contiguous(memory_format=torch.contiguous_format)
 
 
+def lovasz_softmax(logits: torch.Tensor, labels: torch.Tensor, void_index: int = VOID_INDEX) -> torch.Tensor:
+    """The Lovász-softmax loss (Berman et al., CVPR 2018) of a batch: a convex surrogate of
+    ``1 - IoU``, averaged over the classes present in ``labels``, over every labelled pixel of
+    the batch at once (train --lovasz).
+
+    Per class c: the pixels' errors ``|[y = c] - softmax_c|`` sorted in decreasing order, dotted
+    with the increments of the Jaccard loss along that order. For one-hot probabilities it
+    equals the mean of ``1 - IoU_c`` over the present classes; a class absent from the labels
+    does not count (its false positives still cost the classes they were taken from). An
+    all-void batch gives 0 with no gradient. Computed in float32."""
+    valid = labels != void_index
+    target = labels[valid].long()
+    if target.numel() == 0:
+        return logits.float().sum() * 0.0
+    probs = logits.float().softmax(1).permute(0, 2, 3, 1)[valid]  # (P, C)
+    fg = F.one_hot(target, probs.shape[1]).to(probs.dtype)
+    errors, order = (fg - probs).abs().sort(dim=0, descending=True)
+    fg = fg.gather(0, order)
+    total = fg.sum(0)
+    jaccard = 1.0 - (total - fg.cumsum(0)) / (total + (1.0 - fg).cumsum(0))  # the union is >= 1
+    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+    return (errors * grad).sum(0)[total > 0].mean()
+
+
 def weighted_loss_sum(
     logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None, void_index: int = VOID_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor]:

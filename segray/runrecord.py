@@ -3,11 +3,11 @@
 The recipe is the dataset (normalized URI and the sha256 of its ``dataset.json`` bytes, which a
 re-prepare always rewrites), its input size and classes, the network (``--arch`` and its
 arguments, ``--base-channels``) and the training settings that shape the weights: ``--lr``,
-``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker), ``--class-weighting``, ``--ema``,
+``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker), ``--class-weighting``, ``--lovasz``, ``--ema``,
 ``--logit-adjust``, every augmentation setting (recipe.Augmentation) and ``--seed``. A resume that changed one
 would train one set of weights with two recipes, and metrics.json would name only the last:
 --lr, --weight-decay, --lr-schedule sized the optimizer steps so far; --batch-size the step's
-gradient noise and the steps per epoch; --class-weighting the loss; --ema which weights are
+gradient noise and the steps per epoch; --class-weighting and --lovasz the loss; --ema which weights are
 validated and exported; --logit-adjust how validation scores them and what the export predicts;
 augmentation the training
 distribution; --seed the shuffling and augmentation draws of every epoch.
@@ -55,6 +55,7 @@ TRAINING_SETTINGS: tuple[tuple[str, str], ...] = (
     ("lr_schedule", "--lr-schedule"),
     ("batch_size", "--batch-size"),
     ("class_weighting", "--class-weighting"),
+    ("lovasz", "--lovasz"),
     ("ema", "--ema"),
     ("logit_adjust", "--logit-adjust"),
     ("seed", "--seed"),

@@ -113,6 +113,7 @@ class TrainConfig:
     export: str = "auto"  # which epoch becomes model/: EXPORTS
     precision: str = "auto"  # compute dtype of the passes: segray/precision.py
     ema: float = 0.0  # decay of the weights' moving average (segray/averaging.py); 0: off
+    lovasz: float = 0.0  # weight of the Lovász-softmax loss added to the cross-entropy (recipe.lovasz_softmax); 0: off
     logit_adjust: float = 0.0  # validation and export subtract this x log(class weight) from the logits (recipe.logit_bias)
 
     def __post_init__(self) -> None:
@@ -135,8 +136,9 @@ class TrainConfig:
             raise TrainError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
             raise TrainError(f"--ema must be 0 (off) or a decay in (0, 1), e.g. 0.999, got {self.ema!r}")
-        if not (isinstance(self.logit_adjust, (int, float)) and 0 <= self.logit_adjust <= 10):
-            raise TrainError(f"--logit-adjust must be a number from 0 (off) to 10, e.g. 1, got {self.logit_adjust!r}")
+        for flag, value in (("--lovasz", self.lovasz), ("--logit-adjust", self.logit_adjust)):
+            if not (isinstance(value, (int, float)) and 0 <= value <= 10):
+                raise TrainError(f"{flag} must be a number from 0 (off) to 10, e.g. 1, got {value!r}")
         if self.logit_adjust and self.class_weighting == "none":
             raise TrainError("--logit-adjust undoes the shift of --class-weighting, and --class-weighting none has "
                              "none: drop --logit-adjust or pick a weighting")
@@ -485,6 +487,7 @@ def train(config: TrainConfig) -> TrainResult:
             augmentation=config.augmentation,
             class_weights=None if weights is None else tuple(float(w) for w in weights),
             logit_bias=logit_bias(config.logit_adjust, weights),
+            lovasz=config.lovasz,
             cache_shards=shard_cache_fits(info.splits[TRAIN_SPLIT], info.splits[VAL_SPLIT], config.num_workers,
                                           info.height, info.width, config.shard_cache_bytes),
             schedule_knots=tuple((float(e), float(p)) for e, p in knots),

@@ -48,7 +48,7 @@ from segray.dataset import rows_to_arrays
 from segray.metrics import confusion_matrix, summarize
 from segray.model import build_network
 from segray.precision import autocast, compute_precision
-from segray.recipe import Augmentation, augment_batch, fresh_schedule, make_scheduler, weighted_loss_sum
+from segray.recipe import Augmentation, augment_batch, fresh_schedule, lovasz_softmax, make_scheduler, weighted_loss_sum
 from segray.tensorboard import Curves, run_folder
 
 TRAIN_SPLIT = "train"
@@ -80,6 +80,7 @@ class WorkerPayload:
     threads: int  # torch threads of a CPU worker
     augmentation: Augmentation = field(default_factory=Augmentation)
     class_weights: tuple[float, ...] | None = None  # None: unweighted cross-entropy
+    lovasz: float = 0.0  # weight of the Lovász-softmax term of the training loss (--lovasz); 0: off
     logit_bias: tuple[float, ...] | None = None  # added to the logits before validation's argmax (--logit-adjust)
     cache_shards: bool = False  # shards in memory: train's from ingest.py, val's after epoch 1 (train.shard_cache_fits)
     schedule_knots: tuple[tuple[float, float], ...] = ()  # the run's LR schedule; () = fresh_schedule(epochs)
@@ -199,14 +200,17 @@ def train_one_epoch(
     after_step=None,
     agree: bool = True,
     precision: str = "fp32",
+    lovasz: float = 0.0,
 ):
     """Steps ``first_step``..``steps - 1`` of one epoch over this worker's shard (``batches``
     holds those steps' batches). Every rank runs the same steps: the epoch ends for all at
     ``steps`` or, with ``agree`` (batch counts that may differ between ranks), as soon as one
     rank has no batch left. Step k's augmentation draws from a
     generator seeded with (``seed``, k), so a resumed epoch augments its steps as the first pass
-    did. ``precision``: compute_precision's. ``after_step(k, totals)`` runs after step k
-    (1-based). Returns (loss sum, weight sum, images) of this worker, added to ``totals``."""
+    did. ``precision``: compute_precision's. The step's loss is the weighted cross-entropy plus
+    ``lovasz`` x the Lovász-softmax loss; ``totals`` sum the cross-entropy alone (train_loss).
+    ``after_step(k, totals)`` runs after step k (1-based). Returns (loss sum, weight sum, images)
+    of this worker, added to ``totals``."""
     model.train()
     if totals is None:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss*weight, weight, images
@@ -226,6 +230,8 @@ def train_one_epoch(
             logits = model(x)
         loss_sum, denom = weighted_loss_sum(logits, y, weight, void_index)
         loss = loss_sum / denom.clamp_min(1e-12)
+        if lovasz:
+            loss = loss + lovasz * lovasz_softmax(logits, y, void_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -406,6 +412,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             train_one_epoch(
                 model, optimizer, scheduler, batches, weight, _seed_for(p.seed, rank, epoch), p.augmentation, device,
                 p.void_index, steps, first, totals, after_step, agree=not p.cache_shards, precision=precision,
+                lovasz=p.lovasz,
             )
         )
         train_time = time.perf_counter() - t0 + carried_s

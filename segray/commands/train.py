@@ -5,7 +5,7 @@ checkpoints in object storage.
 
 Rerunning the same command (same --storage and --name) resumes after the latest checkpoint. A
 rerun that changes what the run is made from (--data or its content, --lr, --weight-decay,
---lr-schedule, --batch-size, --class-weighting, --ema, --logit-adjust, an augmentation setting,
+--lr-schedule, --batch-size, --class-weighting, --lovasz, --ema, --logit-adjust, an augmentation setting,
 --seed, --arch and its arguments, --base-channels) is refused before any worker starts; a higher --epochs continues the
 LR schedule without a jump (segray/recipe.py's docstring).
 """
@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rerunning the same command resumes after the latest checkpoint; a higher --epochs trains on, "
         "the rest of the LR schedule stretched over the new epochs (no jump). A rerun with another --data (or the "
         "same one re-prepared), --arch or its arguments, --lr, --weight-decay, --lr-schedule, --batch-size, "
-        "--class-weighting, --ema, --logit-adjust, an augmentation setting or --seed is refused: pass the recorded "
-        "value (run.json in the run folder) or a new --name. --num-workers, --use-gpu, --precision, --cpus-per-worker, "
+        "--class-weighting, --lovasz, --ema, --logit-adjust, an augmentation setting or --seed is refused: pass the "
+        "recorded value (run.json in the run folder) or a new --name. --num-workers, --use-gpu, --precision, --cpus-per-worker, "
         "--threads, --max-failures and --keep-checkpoints may change. URIs are s3://bucket/prefix or local paths; "
         "S3 settings come from the AWS_* environment; SEGRAY_SHARD_CACHE_BYTES (default %d) caps the shard a worker keeps in "
         "memory (0: stream every epoch)." % D["shard_cache_bytes"],
@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cross-entropy class weights from dataset.json pixel counts: median_freq (median/freq, "
                         "capped at 50), sqrt_median_freq (its square root: softer, the default: +0.06 val mIoU on CamVid, "
                         "docs/quality.md), none")
+    parser.add_argument("--lovasz", type=float, default=D["lovasz"], metavar="WEIGHT",
+                        help="add WEIGHT x the Lovász-softmax loss (a convex surrogate of 1 - IoU per class, Berman et "
+                        "al. 2018) to the training cross-entropy, e.g. 1; train_loss stays the cross-entropy "
+                        "(default %(default)s: off)")
     parser.add_argument("--logit-adjust", type=float, default=D["logit_adjust"], metavar="TAU",
                         help="validation and the exported model subtract TAU x log(class weight) from the logits "
                         "before the argmax: 1 undoes the shift toward rare classes that --class-weighting teaches, "
