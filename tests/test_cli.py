@@ -73,7 +73,8 @@ def _train_config(*argv: str):
 def test_the_shipped_recipes_make_the_documented_configs_and_flags_override_them():
     base = ("--data", "d", "--storage", "s", "--name", "n")
     cpu = _train_config("--recipe", str(REPO / "recipes" / "cpu-camvid.yaml"), *base)
-    flags = _train_config(*base, "--base-channels", "32", "--precision", "bf16", "--ema", "0.998", "--num-workers", "2",
+    flags = _train_config(*base, "--base-channels", "32", "--precision", "bf16", "--ema", "0.998", "--logit-adjust", "0.75",
+                          "--num-workers", "2",
                           "--batch-size", "4", "--lr", "3e-3", "--lr-schedule", "onecycle", "--weight-decay", "0.05",
                           "--crop", "128x192", "--scale-range", "0.8,1.25", "--epochs", "50")
     assert cpu == flags, "the YAML recipe is the command of docs/quality.md"
