@@ -3,14 +3,14 @@
 The recipe is the dataset (normalized URI and the sha256 of its ``dataset.json`` bytes, which a
 re-prepare always rewrites), its input size and classes, the network (``--arch`` and its
 arguments, ``--base-channels``) and the training settings that shape the weights: ``--lr``,
-``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker), ``--class-weighting``, ``--lovasz``, ``--ema``,
-``--logit-adjust``, every augmentation setting (recipe.Augmentation) and ``--seed``. A resume that changed one
-would train one set of weights with two recipes, and metrics.json would name only the last:
---lr, --weight-decay, --lr-schedule sized the optimizer steps so far; --batch-size the step's
-gradient noise and the steps per epoch; --class-weighting and --lovasz the loss; --ema which weights are
-validated and exported; --logit-adjust how validation scores them and what the export predicts;
-augmentation the training
-distribution; --seed the shuffling and augmentation draws of every epoch.
+``--weight-decay``, ``--lr-schedule``, ``--batch-size`` (per worker), ``--class-weighting``,
+``--lovasz``, ``--ema``, ``--logit-adjust``, every augmentation setting (recipe.Augmentation) and
+``--seed``. A resume that changed one would train one set of weights with two recipes, and
+metrics.json would name only the last: --lr, --weight-decay, --lr-schedule sized the optimizer
+steps so far; --batch-size the step's gradient noise and the steps per epoch; --class-weighting
+and --lovasz the loss; --ema which weights are validated and exported; --logit-adjust how
+validation scores them and what the export predicts; augmentation the training distribution;
+--seed the shuffling and augmentation draws of every epoch.
 
 Every checkpoint's ``meta.json`` holds the recipe (the record that travels with the weights) and
 ``run.json`` holds it from the moment the run starts. A resume whose recipe differs from the

@@ -5,9 +5,10 @@ checkpoints in object storage.
 
 Rerunning the same command (same --storage and --name) resumes after the latest checkpoint. A
 rerun that changes what the run is made from (--data or its content, --lr, --weight-decay,
---lr-schedule, --batch-size, --class-weighting, --lovasz, --ema, --logit-adjust, an augmentation setting,
---seed, --arch and its arguments, --base-channels) is refused before any worker starts; a higher --epochs continues the
-LR schedule without a jump (segray/recipe.py's docstring).
+--lr-schedule, --batch-size, --class-weighting, --lovasz, --ema, --logit-adjust, an
+augmentation setting, --seed, --arch and its arguments, --base-channels) is refused before any
+worker starts; a higher --epochs continues the LR schedule without a jump (segray/recipe.py's
+docstring).
 """
 
 from __future__ import annotations
