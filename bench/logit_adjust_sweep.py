@@ -6,7 +6,7 @@
 The model's logits on every frame of the dataset's val split (the frames validation scores) are
 computed once; for each TAU, the confusion matrix of ``argmax(logits + logit_bias(TAU, w))``
 gives mIoU, pixel accuracy and per-class IoU (segray.metrics), ``w`` being the class weights of
-the model's run (``--class-weighting`` from its ``config.yaml``, counts from ``--data``'s
+the model's run (``--class-weighting`` from its ``run.json``, counts from ``--data``'s
 dataset.json; a model exported with a ``logit_bias`` is measured without it, from its bare
 network). TAU 0 is the model's own validation figure, so the rows compare like for like.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def adapted(net: torch.nn.Module, spec: modelio.ModelSpec, images: np.ndarray) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="a training run (its config.yaml names the class weighting)")
+    ap.add_argument("--model", required=True, help="a training run (its run.json names the class weighting)")
     ap.add_argument("--data", required=True, help="the prepared dataset whose val split is scored")
     ap.add_argument("--taus", default="0,0.25,0.5,0.75,1,1.25")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16")
@@ -77,10 +78,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    import yaml
-
-    config = yaml.safe_load(storage.read_bytes(storage.join(args.model, "config.yaml")))
-    weighting = config.get("class-weighting", "sqrt_median_freq")
+    recipe = json.loads(storage.read_bytes(storage.join(args.model, "run.json")))["recipe"]
+    weighting = recipe["class_weighting"]
     model, spec = modelio.load_model(args.model)
     net = model.net if isinstance(model, modelio.LogitBias) else model
     net = net.to(memory_format=torch.channels_last)
