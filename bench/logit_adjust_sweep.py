@@ -40,14 +40,14 @@ def val_arrays(data: str) -> tuple[dataset.DatasetInfo, np.ndarray, np.ndarray]:
     info = dataset.load_info(data)
     table = pa.concat_tables([pq.read_table(f) for f in dataset.split_files(data, info, "val")])
     images, labels = dataset.rows_to_arrays(table.to_pydict(), info.height, info.width)
-    return info, images, labels
+    return info, images.copy(), labels.copy()  # writable: torch.as_tensor would warn on each batch
 
 
 def logits_of(net: torch.nn.Module, spec: modelio.ModelSpec, images: np.ndarray, precision: str) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), 8):
-            x = modelio.images_to_tensor(images[i:i + 8].copy(), spec.mean, spec.std, channels_last=True)
+            x = modelio.images_to_tensor(images[i:i + 8], spec.mean, spec.std, channels_last=True)
             with autocast(CPU, precision):
                 out.append(net(x).float())
     return torch.cat(out)
@@ -63,7 +63,7 @@ def adapted(net: torch.nn.Module, spec: modelio.ModelSpec, images: np.ndarray) -
     net.train()
     with torch.no_grad():
         for i in range(0, len(images), 4):
-            net(modelio.images_to_tensor(images[i:i + 4].copy(), spec.mean, spec.std, channels_last=True))
+            net(modelio.images_to_tensor(images[i:i + 4], spec.mean, spec.std, channels_last=True))
     return net.eval()
 
 

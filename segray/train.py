@@ -361,9 +361,10 @@ def export_rule(config: TrainConfig, info: DatasetInfo) -> str:
     return config.export
 
 
-def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_before: int) -> TrainResult:
-    """The best (or, by ``--export``, the last) epoch's checkpoint -> ``<run>/model/`` (modelio);
-    history -> ``<run>/metrics.json``."""
+def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_before: int,
+           bias: tuple[float, ...] | None = None) -> TrainResult:
+    """The best (or, by ``--export``, the last) epoch's checkpoint -> ``<run>/model/`` (modelio),
+    with ``bias`` (validation's, --logit-adjust) as its logit_bias; history -> ``<run>/metrics.json``."""
     rule = export_rule(config, info)
     if rule == "last":
         epochs = [(c, m) for c, m in result.best_checkpoints if m and not m.get("step")]
@@ -380,7 +381,7 @@ def export(config: TrainConfig, info: DatasetInfo, result, start: float, done_be
         classes=list(info.classes),
         palette=[list(c) for c in info.palette],
         void_index=info.void_index,
-        logit_bias=logit_bias(config.logit_adjust, class_weights(config.class_weighting, info.class_pixel_counts)),
+        logit_bias=None if bias is None else list(bias),
     )
     model_uri = storage.join(config.run_uri, modelio.MODEL_DIR)
     modelio.save_model(model_uri, state["model"], spec)
@@ -442,6 +443,7 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         knots = fresh_schedule(config.epochs)
     weights = class_weights(config.class_weighting, info.class_pixel_counts)
+    bias = logit_bias(config.logit_adjust, weights)  # validation's and the export's (--logit-adjust)
     if info.val_in_train:
         print(f"train: {config.data} holds its val frames in train (prepare --train-on-val): val measures fit, not "
               f"unseen frames; model/ will be the {export_rule(config, info)} epoch", flush=True)
@@ -486,7 +488,7 @@ def train(config: TrainConfig) -> TrainResult:
             threads=config.torch_threads,
             augmentation=config.augmentation,
             class_weights=None if weights is None else tuple(float(w) for w in weights),
-            logit_bias=logit_bias(config.logit_adjust, weights),
+            logit_bias=bias,
             lovasz=config.lovasz,
             cache_shards=shard_cache_fits(info.splits[TRAIN_SPLIT], info.splits[VAL_SPLIT], config.num_workers,
                                           info.height, info.width, config.shard_cache_bytes),
@@ -502,7 +504,7 @@ def train(config: TrainConfig) -> TrainResult:
         at = done * steps + (int(meta.get("step", 0)) if meta and meta.get("world") == config.num_workers else 0)
         with console.Progress("train", f"epoch {done + 1}/{config.epochs}", config.epochs * steps, "step", at) as shown:
             result = _fit(config, payload, info, shown.handle)
-    out = export(config, info, result, start, done_before=done)
+    out = export(config, info, result, start, done_before=done, bias=bias)
     print(format_summary(out), flush=True)
     return out
 
