@@ -98,12 +98,22 @@ class UNetConfig(NetworkConfig):
 
     Level i of the encoder has `base_channels * 2**i` channels, i = 0..depth; the input is
     padded to a multiple of `2**depth` pixels because every level halves the resolution.
+    `dropout` is the probability of channel dropout (``nn.Dropout2d``) at the end of the
+    contracting path, where Ronneberger et al. put theirs; 0 (the default) adds none. It has no
+    weights, so it does not change the state dict, and acts in training mode only.
     """
 
     in_channels: int = 3
     num_classes: int = 11  # CamVid's 11 classes: the default of models exported before the registry
     base_channels: int = 64
     depth: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ModelConfigError(f"{_arch_label(type(self))}: dropout must be a number in [0, 1), got {p!r}")
 
 
 @dataclass(frozen=True)
@@ -188,13 +198,14 @@ class UNet(nn.Module):
             Up(widths[i + 1], widths[i]) for i in reversed(range(config.depth))
         )
         self.head = nn.Conv2d(widths[0], config.num_classes, kernel_size=1)
+        self.drop = nn.Dropout2d(config.dropout) if config.dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, height, width = _check_and_pad(self, x, 2**self.config.depth)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
-        x = skips.pop()
+        x = self.drop(skips.pop())
         for up in self.ups:
             x = up(x, skips.pop())
         return self.head(x)[..., :height, :width]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from segray import storage
 from segray.dataset import DATASET_FILE
 from segray.errors import SegrayError
+from segray.model import network_config
 from segray.recipe import augmentation_names
 from segray.tensorboard import TENSORBOARD_DIR
 
@@ -123,6 +124,15 @@ def _facts(r: dict) -> str:
     return ", ".join(facts)
 
 
+def _with_defaults(arch: str, args: dict) -> dict:
+    """The network arguments ``args`` with the defaults of those it lacks (an argument added
+    after the run was recorded, e.g. the U-Net's dropout); as given when they do not parse."""
+    try:
+        return network_config(arch, args).to_dict()
+    except SegrayError:
+        return args
+
+
 def _and(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
@@ -155,6 +165,9 @@ def resume_refusal(run_uri: str, recorded: dict, current: dict) -> str | None:
         clauses.append(f"--arch was {recorded['arch']}, this command has {current.get('arch')}")
         same.append("--arch")
     old_model, new_model = recorded.get("model"), current.get("model") or {}
+    if old_model is not None:  # an argument added since the run was recorded: its default then
+        old_model = _with_defaults(current.get("arch") or "unet", old_model)
+        new_model = _with_defaults(current.get("arch") or "unet", new_model)
     if old_model is not None and not differs("arch") and jsonable(old_model) != jsonable(new_model):
         for key in sorted(set(old_model) | set(new_model)):
             if old_model.get(key) != new_model.get(key):

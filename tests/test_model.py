@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from segray.model import UNet, UNetConfig, build_model, count_parameters
+from segray.model import ModelConfigError, UNet, UNetConfig, build_model, count_parameters
 
 # Tiny width so every test runs in milliseconds on a CPU; the wiring is the same at 64.
 SMALL = UNetConfig(base_channels=4)
@@ -104,3 +104,20 @@ def test_sync_batchnorm_conversion(model: UNet) -> None:
     converted.eval()
     with torch.no_grad():
         assert converted(torch.randn(1, 3, 37, 53)).shape == (1, SMALL.num_classes, 37, 53)
+
+
+def test_dropout_drops_channels_in_training_only_and_adds_no_weights():
+    torch.manual_seed(0)
+    plain, dropped = build_model(UNetConfig(base_channels=4, depth=2)), build_model(
+        UNetConfig(base_channels=4, depth=2, dropout=0.5))
+    assert plain.state_dict().keys() == dropped.state_dict().keys()  # loads either way
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 16, 24)
+    plain.eval(), dropped.eval()
+    assert torch.equal(plain(x), dropped(x))  # eval: no dropout
+    dropped.train(), plain.train()
+    assert not torch.allclose(plain(x), dropped(x))  # training: channels dropped at the bottleneck
+    assert UNetConfig.from_dict(UNetConfig(dropout=0.2).to_dict()).dropout == 0.2
+    for bad in (1.0, -0.1, True, "0.2"):
+        with pytest.raises(ModelConfigError, match="dropout must be a number in"):
+            UNetConfig(dropout=bad)

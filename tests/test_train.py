@@ -517,3 +517,13 @@ def test_shard_cache_fits_by_bytes_and_env(monkeypatch):
     assert job.config_from_args(job.build_parser().parse_args(argv)).shard_cache_bytes == train.CACHE_SHARD_MAX_BYTES
     monkeypatch.setenv("SEGRAY_SHARD_CACHE_BYTES", "0")
     assert job.config_from_args(job.build_parser().parse_args(argv)).shard_cache_bytes == 0
+
+
+def test_a_network_argument_added_after_the_run_is_compared_with_its_default():
+    # Runs recorded before the U-Net had `dropout` resume with dropout 0 (what they trained with)
+    # and are refused with any other value.
+    old = _recipe(arch="unet", model={"in_channels": 3, "num_classes": 2, "base_channels": 8, "depth": 4})
+    same = _recipe(arch="unet", model={**old["model"], "dropout": 0.0})
+    assert resume_refusal("r", old, same) is None
+    msg = resume_refusal("r", old, _recipe(arch="unet", model={**old["model"], "dropout": 0.3}))
+    assert msg and "--arch-arg dropout was 0.0, this command has 0.3" in msg
