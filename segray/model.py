@@ -51,7 +51,7 @@ class NetworkConfig:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if field.type not in (int, "int"):
+            if field.type not in (int, "int") or field.metadata.get("own_check"):
                 continue
             value = getattr(self, field.name)
             # bool is an int subclass; True as a channel count is always a mistake.
@@ -100,7 +100,10 @@ class UNetConfig(NetworkConfig):
     padded to a multiple of `2**depth` pixels because every level halves the resolution.
     `dropout` is the probability of channel dropout (``nn.Dropout2d``) at the end of the
     contracting path, where Ronneberger et al. put theirs; 0 (the default) adds none. It has no
-    weights, so it does not change the state dict, and acts in training mode only.
+    weights, so it does not change the state dict, and acts in training mode only. `ibn` makes
+    the first norm of the first `ibn` encoder levels an `IBN` layer (IBN-Net's instance norm on
+    half the channels, for appearance that differs from the training frames'); 0, the default,
+    keeps BatchNorm everywhere and the state dict of models exported before it.
     """
 
     in_channels: int = 3
@@ -108,12 +111,17 @@ class UNetConfig(NetworkConfig):
     base_channels: int = 64
     depth: int = 4
     dropout: float = 0.0
+    # Encoder levels (from the first) whose first norm is IBN (class IBN); 0: BatchNorm only.
+    ibn: int = dataclasses.field(default=0, metadata={"own_check": True})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         p = self.dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ModelConfigError(f"{_arch_label(type(self))}: dropout must be a number in [0, 1), got {p!r}")
+        if isinstance(self.ibn, bool) or not isinstance(self.ibn, int) or not 0 <= self.ibn <= self.depth + 1:
+            raise ModelConfigError(f"{_arch_label(type(self))}: ibn must be an int from 0 to depth + 1 "
+                                   f"({self.depth + 1}), the encoder's levels; got {self.ibn!r}")
 
 
 @dataclass(frozen=True)
@@ -126,14 +134,38 @@ class FCNConfig(NetworkConfig):
     depth: int = 4
 
 
-class DoubleConv(nn.Sequential):
-    """(conv 3x3 -> BN -> ReLU) x 2; keeps H, W (padding 1, unlike the paper's valid convs)."""
+class IBN(nn.Module):
+    """Instance norm (affine) on the first half of the channels, BatchNorm on the rest: the
+    "IBN-a" layer of Pan et al. (2018, IBN-Net), which keeps a frame's contrast and colour cast
+    out of the features of the first levels while the BatchNorm half keeps what tells classes
+    apart; their networks carried it to domains they had not trained on."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.half = channels // 2
+        self.inn = nn.InstanceNorm2d(self.half, affine=True)
+        self.bn = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        out = torch.cat([self.inn(a.contiguous()), self.bn(b)], dim=1)
+        # Instance norm gives back NCHW: channels-last in, channels-last out for the next conv.
+        return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class DoubleConv(nn.Sequential):
+    """(conv 3x3 -> BN -> ReLU) x 2; keeps H, W (padding 1, unlike the paper's valid convs).
+    ``ibn``: the first norm is an `IBN` layer."""
+
+    def __init__(self, in_channels: int, out_channels: int, ibn: bool = False) -> None:
         # bias=False: the BatchNorm right after has its own shift, a conv bias would be redundant.
         super().__init__(
             nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
+            IBN(out_channels) if ibn else nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
@@ -144,8 +176,8 @@ class DoubleConv(nn.Sequential):
 class Down(nn.Sequential):
     """Max-pool 2x2 (halves H, W) then DoubleConv."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.MaxPool2d(kernel_size=2), DoubleConv(in_channels, out_channels))
+    def __init__(self, in_channels: int, out_channels: int, ibn: bool = False) -> None:
+        super().__init__(nn.MaxPool2d(kernel_size=2), DoubleConv(in_channels, out_channels, ibn))
 
 
 class Up(nn.Module):
@@ -192,8 +224,8 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         widths = [config.base_channels * 2**i for i in range(config.depth + 1)]
-        self.inc = DoubleConv(config.in_channels, widths[0])
-        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1]) for i in range(config.depth))
+        self.inc = DoubleConv(config.in_channels, widths[0], ibn=config.ibn > 0)
+        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], ibn=config.ibn > i + 1) for i in range(config.depth))
         self.ups = nn.ModuleList(
             Up(widths[i + 1], widths[i]) for i in reversed(range(config.depth))
         )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from segray.model import ModelConfigError, UNet, UNetConfig, build_model, count_parameters
+from segray.model import IBN, ModelConfigError, UNet, UNetConfig, build_model, count_parameters
 
 # Tiny width so every test runs in milliseconds on a CPU; the wiring is the same at 64.
 SMALL = UNetConfig(base_channels=4)
@@ -121,3 +121,29 @@ def test_dropout_drops_channels_in_training_only_and_adds_no_weights():
     for bad in (1.0, -0.1, True, "0.2"):
         with pytest.raises(ModelConfigError, match="dropout must be a number in"):
             UNetConfig(dropout=bad)
+
+
+def test_ibn_normalises_half_the_channels_per_frame_and_sits_in_the_first_levels_only():
+    torch.manual_seed(0)
+    layer = IBN(6).train()
+    x = torch.randn(2, 6, 8, 12)
+    y = layer(x)
+    # The instance-norm half: each frame's channel has mean 0 and variance 1 over H, W, whatever
+    # the frame's contrast and brightness (a per-frame affine change of the input leaves it).
+    assert torch.allclose(y[:, :3].mean((2, 3)), torch.zeros(2, 3), atol=1e-5)
+    assert torch.allclose(y[:, :3].var((2, 3), unbiased=False), torch.ones(2, 3), atol=1e-3)
+    z = layer(torch.cat([x[:1] * 3 + 2, x[1:] * 0.5 - 1]))
+    assert torch.allclose(z[:, :3], y[:, :3], atol=1e-4)
+    assert not torch.allclose(z[:, 3:], y[:, 3:], atol=1e-2)  # the BatchNorm half sees the change
+    assert layer(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+
+    net = build_model(UNetConfig(base_channels=4, depth=3, ibn=2))
+    ibn_at = [name for name, m in net.named_modules() if isinstance(m, IBN)]
+    assert ibn_at == ["inc.1", "downs.0.1.1"]  # the first norm of levels 0 and 1, nothing deeper
+    assert build_model(UNetConfig(base_channels=4, depth=3)).state_dict().keys() == \
+        build_model(UNetConfig(base_channels=4, depth=3, ibn=0)).state_dict().keys()
+    assert net(torch.randn(1, 3, 16, 24)).shape == (1, 11, 16, 24)
+    assert UNetConfig.from_dict(UNetConfig(ibn=3).to_dict()).ibn == 3
+    for bad in (-1, 6, True, 1.5):
+        with pytest.raises(ModelConfigError, match="ibn must be an int from 0 to depth"):
+            UNetConfig(depth=4, ibn=bad)
