@@ -1,7 +1,7 @@
 """What ``train --logit-adjust TAU`` would score on a trained model, for several TAU, without retraining.
 
     python bench/logit_adjust_sweep.py --model /tmp/x/runs/w32emawd-xseq --data /tmp/x/xseq176 \
-        [--taus 0,0.25,0.5,0.75,1,1.25] [--precision bf16] [--adapt-bn]
+        [--taus 0,0.25,0.5,0.75,1,1.25] [--precision bf16] [--adapt-bn] [--prior-shift]
 
 The model's logits on every frame of the dataset's val split (the frames validation scores) are
 computed once; for each TAU, the confusion matrix of ``argmax(logits + logit_bias(TAU, w))``
@@ -9,6 +9,11 @@ gives mIoU, pixel accuracy and per-class IoU (segray.metrics), ``w`` being the c
 the model's run (``--class-weighting`` from its ``run.json``, counts from ``--data``'s
 dataset.json; a model exported with a ``logit_bias`` is measured without it, from its bare
 network). TAU 0 is the model's own validation figure, so the rows compare like for like.
+
+``--prior-shift`` also adds, at each TAU, the log-ratio of the val split's class frequencies to
+the training split's (the Bayes correction for a change of class prior: with the val labels'
+own frequencies, an oracle; and with those EM estimates from the model's posteriors without
+labels, Saerens et al. 2002, scaled by 0.25, 0.5, 1). On CamVid's unseen street both lost.
 
 ``--adapt-bn`` also measures test-time BatchNorm adaptation (AdaBN): the BatchNorm statistics
 re-estimated on the val frames themselves (all of them, and the first 16) before the sweep; on
@@ -67,6 +72,16 @@ def adapted(net: torch.nn.Module, spec: modelio.ModelSpec, images: np.ndarray) -
     return net.eval()
 
 
+def em_prior(posteriors: torch.Tensor, prior: torch.Tensor, steps: int = 30) -> torch.Tensor:
+    """The class prior of the frames behind ``posteriors`` (N, K, H, W; computed under the
+    training ``prior``), by the EM of Saerens et al. (2002): reweight, renormalise, average."""
+    estimate = prior.clone()
+    for _ in range(steps):
+        r = posteriors * (estimate / prior).view(1, -1, 1, 1)
+        estimate = (r / r.sum(1, keepdim=True)).mean((0, 2, 3))
+    return estimate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a training run (its run.json names the class weighting)")
@@ -75,6 +90,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--adapt-bn", action="store_true")
+    ap.add_argument("--prior-shift", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,10 +116,19 @@ def main() -> None:
     for name, n in nets:
         logits = logits_of(n, spec, images, precision)
         for tau in (float(t) for t in args.taus.split(",")):
-            bias = torch.tensor(logit_bias(tau, weights) or [0.0] * k).view(1, -1, 1, 1)
-            cm = metrics.confusion_matrix(y, (logits + bias).argmax(1), k, info.void_index)
-            iou = " | ".join(f"{v:.3f}" for v in metrics.iou_per_class(cm))
-            print(f"| {name} | {tau:g} | {metrics.mean_iou(cm):.4f} | {metrics.pixel_accuracy(cm):.4f} | {iou} |")
+            adjusted = logits + torch.tensor(logit_bias(tau, weights) or [0.0] * k).view(1, -1, 1, 1)
+            rows = [(name, adjusted)]
+            if args.prior_shift:
+                train = torch.tensor(info.class_pixel_counts, dtype=torch.float64)
+                train = (train / train.sum()).float()
+                true = torch.bincount(y[y != info.void_index], minlength=k).float()
+                rows.append((f"{name}, val's true prior", adjusted + torch.log(true.clamp_min(1e-6) / train).view(1, -1, 1, 1)))
+                shift = torch.log(em_prior(adjusted.softmax(1), train) / train).view(1, -1, 1, 1)
+                rows += [(f"{name}, EM prior x{a:g}", adjusted + a * shift) for a in (0.25, 0.5, 1.0)]
+            for label, out in rows:
+                cm = metrics.confusion_matrix(y, out.argmax(1), k, info.void_index)
+                iou = " | ".join(f"{v:.3f}" for v in metrics.iou_per_class(cm))
+                print(f"| {label} | {tau:g} | {metrics.mean_iou(cm):.4f} | {metrics.pixel_accuracy(cm):.4f} | {iou} |")
 
 
 if __name__ == "__main__":
