@@ -113,17 +113,18 @@ def main() -> None:
     nets = [("model", net)]
     if args.adapt_bn:
         nets += [("AdaBN, all val frames", adapted(net, spec, images)), ("AdaBN, 16 frames", adapted(net, spec, images[:16]))]
+    train_prior = torch.tensor(info.class_pixel_counts, dtype=torch.float64)
+    train_prior = (train_prior / train_prior.sum()).float()
+    true_prior = torch.bincount(y[y != info.void_index], minlength=k).float()
+    true_shift = torch.log(true_prior.clamp_min(1e-6) / train_prior).view(1, -1, 1, 1)
     for name, n in nets:
         logits = logits_of(n, spec, images, precision)
         for tau in (float(t) for t in args.taus.split(",")):
             adjusted = logits + torch.tensor(logit_bias(tau, weights) or [0.0] * k).view(1, -1, 1, 1)
             rows = [(name, adjusted)]
             if args.prior_shift:
-                train = torch.tensor(info.class_pixel_counts, dtype=torch.float64)
-                train = (train / train.sum()).float()
-                true = torch.bincount(y[y != info.void_index], minlength=k).float()
-                rows.append((f"{name}, val's true prior", adjusted + torch.log(true.clamp_min(1e-6) / train).view(1, -1, 1, 1)))
-                shift = torch.log(em_prior(adjusted.softmax(1), train) / train).view(1, -1, 1, 1)
+                rows.append((f"{name}, val's true prior", adjusted + true_shift))
+                shift = torch.log(em_prior(adjusted.softmax(1), train_prior) / train_prior).view(1, -1, 1, 1)
                 rows += [(f"{name}, EM prior x{a:g}", adjusted + a * shift) for a in (0.25, 0.5, 1.0)]
             for label, out in rows:
                 cm = metrics.confusion_matrix(y, out.argmax(1), k, info.void_index)

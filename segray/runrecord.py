@@ -165,9 +165,10 @@ def resume_refusal(run_uri: str, recorded: dict, current: dict) -> str | None:
         clauses.append(f"--arch was {recorded['arch']}, this command has {current.get('arch')}")
         same.append("--arch")
     old_model, new_model = recorded.get("model"), current.get("model") or {}
-    if old_model is not None:  # an argument added since the run was recorded: its default then
-        old_model = _with_defaults(current.get("arch") or "unet", old_model)
-        new_model = _with_defaults(current.get("arch") or "unet", new_model)
+    if old_model is not None and not differs("arch"):
+        # An argument added since the run was recorded is compared as its default, what it trained with.
+        arch = current.get("arch") or "unet"
+        old_model, new_model = _with_defaults(arch, old_model), _with_defaults(arch, new_model)
     if old_model is not None and not differs("arch") and jsonable(old_model) != jsonable(new_model):
         for key in sorted(set(old_model) | set(new_model)):
             if old_model.get(key) != new_model.get(key):
