@@ -2,7 +2,7 @@
 
 Class weights from the prepared dataset's pixel counts, the learning-rate schedule (a function of
 the epoch position through knots, so that a run extended on resume continues without a jump:
-below), augmentation (flip, scale-crop, colour jitter; labels with NEAREST,
+below), augmentation (flip, scale-crop, colour jitter, ClassMix; labels with NEAREST,
 padding with void; every setting in one frozen :class:`Augmentation`) and the weighted loss.
 segray/worker.py wires them into the Ray Train loop.
 
@@ -68,6 +68,7 @@ class Augmentation:
     scale_range: tuple[float, float] = field(default=SCALE_RANGE, metadata={"flag": "--scale-range"})
     flip_prob: float = field(default=FLIP_PROB, metadata={"flag": "--flip-prob"})
     jitter: float = field(default=JITTER, metadata={"flag": "--jitter"})
+    classmix: float = field(default=0.0, metadata={"flag": "--classmix"})
 
     def __post_init__(self) -> None:
         # JSON and argparse hand lists; keep tuples so that the object stays hashable and equal.
@@ -88,6 +89,10 @@ class Augmentation:
             raise ConfigError(f"--flip-prob must be between 0 and 1, got {self.flip_prob!r}")
         if not (isinstance(self.jitter, (int, float)) and 0.0 <= self.jitter < 1.0):
             raise ConfigError(f"--jitter must be at least 0 and below 1, got {self.jitter!r}")
+        if not (isinstance(self.classmix, (int, float)) and 0.0 <= self.classmix <= 1.0):
+            raise ConfigError(f"--classmix must be between 0 and 1, got {self.classmix!r}")
+        if self.classmix and not self.enabled:
+            raise ConfigError("--classmix is an augmentation; it cannot be combined with --no-augment")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,8 +284,40 @@ def augment_batch(images: torch.Tensor, labels: torch.Tensor, generator: torch.G
     """:func:`augment` with a run's :class:`Augmentation` (``enabled`` False: unchanged)."""
     if not settings.enabled:
         return images, labels
-    return augment(images, labels, generator, scale_range=settings.scale_range, flip_prob=settings.flip_prob,
-                   void_index=void_index, jitter=settings.jitter, crop=settings.crop)
+    images, labels = augment(images, labels, generator, scale_range=settings.scale_range, flip_prob=settings.flip_prob,
+                             void_index=void_index, jitter=settings.jitter, crop=settings.crop)
+    if settings.classmix:
+        images, labels = class_mix(images, labels, generator, settings.classmix, void_index)
+    return images, labels
+
+
+def class_mix(images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, prob: float,
+              void_index: int = VOID_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """ClassMix (Olsson et al., WACV 2021) within a batch: with probability ``prob``, image i
+    receives the pixels of half the classes (rounded up, drawn at random) present in its partner,
+    image i - 1 (cyclically), image and label alike; void pixels are never pasted. Objects then
+    appear on streets and beside neighbours they were not filmed with, so that the network
+    learns them from their own appearance rather than their context (train --classmix).
+
+    Same shapes and dtypes out; the inputs are not modified. Random numbers come from
+    ``generator`` (CPU); a batch of one is returned unchanged."""
+    n = images.shape[0]
+    if n < 2:
+        return images, labels
+    out_images, out_labels = images.clone(), labels.clone()
+    for i in range(n):
+        if torch.rand(1, generator=generator).item() >= prob:
+            continue
+        j = (i - 1) % n
+        present = torch.unique(labels[j])
+        present = present[present != void_index]
+        if present.numel() == 0:
+            continue
+        chosen = present[torch.randperm(present.numel(), generator=generator)[: (present.numel() + 1) // 2].to(present.device)]
+        mask = torch.isin(labels[j], chosen)
+        out_labels[i] = torch.where(mask, labels[j], out_labels[i])
+        out_images[i] = torch.where(mask.unsqueeze(0), images[j], out_images[i])
+    return out_images, out_labels
 
 
 def color_jitter(

@@ -18,6 +18,8 @@ from segray.recipe import (
     MAX_CLASS_WEIGHT,
     Augmentation,
     augment,
+    augment_batch,
+    class_mix,
     class_weights,
     color_jitter,
     extend_schedule,
@@ -140,6 +142,45 @@ def test_augment_is_reproducible_from_the_generator():
     a = augment(images, labels, torch.Generator().manual_seed(7))
     b = augment(images, labels, torch.Generator().manual_seed(7))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_classmix_pastes_half_of_the_partners_classes_image_and_label_alike():
+    images, labels = _batch(n=4, h=12, w=20)
+    labels[3, 5:, :] = VOID_INDEX  # the partner of image 0 has a large void area
+    before = (images.clone(), labels.clone())
+    out_i, out_l = class_mix(images, labels, torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(images, before[0]) and torch.equal(labels, before[1]), "the inputs were modified"
+    assert out_i.shape == images.shape and out_l.dtype == labels.dtype
+    for i in range(4):
+        j = (i - 1) % 4
+        pasted = (out_i[i] == images[j]).all(0)
+        kept = (out_i[i] == images[i]).all(0)
+        assert bool((pasted | kept).all()) and not bool((pasted & kept).any())
+        assert torch.equal(out_l[i][pasted], labels[j][pasted]) and torch.equal(out_l[i][kept], labels[i][kept])
+        present = set(labels[j].unique().tolist()) - {VOID_INDEX}
+        chosen = set(labels[j][pasted].unique().tolist())
+        assert VOID_INDEX not in chosen and chosen <= present
+        assert len(chosen) == (len(present) + 1) // 2
+        # A chosen class is pasted whole: every pixel of it in the partner.
+        assert torch.equal(pasted, torch.isin(labels[j], torch.tensor(sorted(chosen))))
+
+
+def test_classmix_probability_and_its_settings():
+    images, labels = _batch()
+    out = class_mix(images, labels, torch.Generator().manual_seed(0), 0.0)
+    assert torch.equal(out[0], images) and torch.equal(out[1], labels)
+    one = class_mix(images[:1], labels[:1], torch.Generator().manual_seed(0), 1.0)
+    assert torch.equal(one[0], images[:1]) and torch.equal(one[1], labels[:1])
+    # Off (the default), a run's augmentation draws exactly what it drew before the setting existed.
+    a = augment_batch(images, labels, torch.Generator().manual_seed(3), Augmentation())
+    b = augment(images, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    mixed = augment_batch(images, labels, torch.Generator().manual_seed(3), Augmentation(classmix=1.0))
+    assert not torch.equal(mixed[1], b[1])
+    with pytest.raises(TrainError, match="--classmix must be between 0 and 1"):
+        train.check_augmentation(classmix=1.5)
+    with pytest.raises(TrainError, match="--no-augment"):
+        train.check_augmentation(classmix=0.5, enabled=False)
 
 
 # --------------------------------------------------------------------------- class weights

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jitter", type=float, default=A.jitter,
                         help="colour jitter: brightness, contrast, saturation scaled by up to 1 +- this (default "
                         "%(default)s; 0: off)")
+    parser.add_argument("--classmix", type=float, default=A.classmix, metavar="P",
+                        help="ClassMix (Olsson et al. 2021): with probability P a training image receives the pixels "
+                        "of half the classes of another image of its batch, labels alike (default %(default)s: off)")
     parser.add_argument("--seed", type=int, default=D["seed"],
                         help="random seed of weights, shuffling, augmentation (default %(default)s)")
     parser.add_argument("--max-failures", type=int, default=D["max_failures"],
