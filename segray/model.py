@@ -103,7 +103,9 @@ class UNetConfig(NetworkConfig):
     weights, so it does not change the state dict, and acts in training mode only. `ibn` makes
     the first norm of the first `ibn` encoder levels an `IBN` layer (IBN-Net's instance norm on
     half the channels, for appearance that differs from the training frames'); 0, the default,
-    keeps BatchNorm everywhere and the state dict of models exported before it.
+    keeps BatchNorm everywhere and the state dict of models exported before it. `ppm` 1 puts a
+    `PyramidPooling` module (PSPNet's) on the coarsest level, so that every pixel's decoding sees
+    the whole frame's layout; 0, the default, adds nothing.
     """
 
     in_channels: int = 3
@@ -113,9 +115,12 @@ class UNetConfig(NetworkConfig):
     dropout: float = 0.0
     # Encoder levels (from the first) whose first norm is IBN (class IBN); 0: BatchNorm only.
     ibn: int = dataclasses.field(default=0, metadata={"own_check": True})
+    ppm: int = dataclasses.field(default=0, metadata={"own_check": True})  # 1: PyramidPooling at the bottleneck
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.ppm not in (0, 1) or isinstance(self.ppm, (bool, float)):
+            raise ModelConfigError(f"{_arch_label(type(self))}: ppm must be 0 (off) or 1 (on), got {self.ppm!r}")
         p = self.dropout
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ModelConfigError(f"{_arch_label(type(self))}: dropout must be a number in [0, 1), got {p!r}")
@@ -150,6 +155,35 @@ class IBN(nn.Module):
         a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
         out = torch.cat([self.inn(a.contiguous()), self.bn(b)], dim=1)
         # Instance norm gives back NCHW: channels-last in, channels-last out for the next conv.
+        return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
+
+
+class PyramidPooling(nn.Module):
+    """The pyramid pooling module of Zhao et al. (2017, PSPNet): the features averaged over
+    1x1, 2x2, 3x3 and 6x6 grids of the frame, each reduced to a quarter of the channels by a
+    1x1 conv (bias and ReLU: a 1x1 bin has too few values per batch for BatchNorm), upsampled
+    bilinearly, concatenated with the input and fused back to its channel count (1x1 conv, BN,
+    ReLU). Same shape in and out; any H, W >= 1."""
+
+    BINS = (1, 2, 3, 6)
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        reduced = max(1, channels // 4)
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(channels, reduced, 1), nn.ReLU(inplace=True))
+            for b in self.BINS
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d(channels + reduced * len(self.BINS), channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=False) for stage in self.stages]
+        out = self.fuse(torch.cat([x, *pooled], dim=1))
         return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
 
 
@@ -231,13 +265,14 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], config.num_classes, kernel_size=1)
         self.drop = nn.Dropout2d(config.dropout) if config.dropout else nn.Identity()
+        self.context = PyramidPooling(widths[-1]) if config.ppm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, height, width = _check_and_pad(self, x, 2**self.config.depth)
         skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
-        x = self.drop(skips.pop())
+        x = self.drop(self.context(skips.pop()))
         for up in self.ups:
             x = up(x, skips.pop())
         return self.head(x)[..., :height, :width]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from segray.model import IBN, ModelConfigError, UNet, UNetConfig, build_model, count_parameters
+from segray.model import IBN, ModelConfigError, PyramidPooling, UNet, UNetConfig, build_model, count_parameters
 
 # Tiny width so every test runs in milliseconds on a CPU; the wiring is the same at 64.
 SMALL = UNetConfig(base_channels=4)
@@ -147,3 +147,26 @@ def test_ibn_normalises_half_the_channels_per_frame_and_sits_in_the_first_levels
     for bad in (-1, 6, True, 1.5):
         with pytest.raises(ModelConfigError, match="ibn must be an int from 0 to depth"):
             UNetConfig(depth=4, ibn=bad)
+
+
+def test_pyramid_pooling_gives_every_pixel_the_whole_frame_and_keeps_the_shape():
+    torch.manual_seed(0)
+    layer = PyramidPooling(8).eval()
+    x = torch.randn(2, 8, 6, 9)
+    y = layer(x)
+    assert y.shape == x.shape
+    # A change in one corner reaches the opposite corner (a plain 1x1 fusion would not).
+    x2 = x.clone()
+    x2[:, :, 0, 0] += 5.0
+    assert not torch.allclose(layer(x2)[:, :, -1, -1], y[:, :, -1, -1])
+    assert layer(x.contiguous(memory_format=torch.channels_last)).is_contiguous(memory_format=torch.channels_last)
+    assert layer(torch.randn(1, 8, 1, 1)).shape == (1, 8, 1, 1)
+
+    plain, ppm = build_model(UNetConfig(base_channels=4, depth=3)), build_model(UNetConfig(base_channels=4, depth=3, ppm=1))
+    assert not any(k.startswith("context.") for k in plain.state_dict())  # earlier models load as before
+    assert {k.split(".")[0] for k in ppm.state_dict()} - {k.split(".")[0] for k in plain.state_dict()} == {"context"}
+    assert ppm.eval()(torch.randn(1, 3, 37, 53)).shape == (1, 11, 37, 53)
+    assert UNetConfig.from_dict(UNetConfig(ppm=1).to_dict()).ppm == 1
+    for bad in (2, -1, True, 0.5, "1"):
+        with pytest.raises(ModelConfigError, match="ppm must be 0"):
+            UNetConfig(ppm=bad)

@@ -77,7 +77,7 @@ def test_unknown_network_lists_known_ones() -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_unknown_argument_names_it_the_network_and_the_valid_ones(arch: str) -> None:
-    valid = r"'base_channels', 'depth', 'dropout', 'ibn', 'in_channels', 'num_classes'" if arch == "unet" else \
+    valid = r"'base_channels', 'depth', 'dropout', 'ibn', 'in_channels', 'num_classes', 'ppm'" if arch == "unet" else \
         r"'base_channels', 'depth', 'in_channels', 'num_classes'"
     with pytest.raises(ModelConfigError, match=rf"network '{arch}': unknown arguments \['bilinear'\]; valid arguments "
                                                rf"are \[{valid}\]"):
@@ -127,7 +127,7 @@ def test_arch_of_refuses_a_foreign_config() -> None:
 def test_unet_default_config_unchanged() -> None:
     # Models exported before the registry rely on these defaults.
     assert UNetConfig().to_dict() == {"in_channels": 3, "num_classes": 11, "base_channels": 64, "depth": 4,
-                                     "dropout": 0.0, "ibn": 0}
+                                     "dropout": 0.0, "ibn": 0, "ppm": 0}
 
 
 def test_networks_differ() -> None:
