@@ -78,8 +78,6 @@ class Augmentation:
         if self.crop is not None:
             if len(self.crop) != 2 or any(not isinstance(v, int) or v < 16 for v in self.crop):
                 raise ConfigError(f"--crop must be HxW with both sides at least 16, got {self.crop!r}")
-            if not self.enabled:
-                raise ConfigError("--crop is an augmentation; it cannot be combined with --no-augment")
         if len(self.scale_range) != 2:
             raise ConfigError(f"--scale-range must be LO,HI, e.g. 0.75,1.5; got {self.scale_range!r}")
         lo, hi = self.scale_range
@@ -91,8 +89,9 @@ class Augmentation:
             raise ConfigError(f"--jitter must be at least 0 and below 1, got {self.jitter!r}")
         if not (isinstance(self.classmix, (int, float)) and 0.0 <= self.classmix <= 1.0):
             raise ConfigError(f"--classmix must be between 0 and 1, got {self.classmix!r}")
-        if self.classmix and not self.enabled:
-            raise ConfigError("--classmix is an augmentation; it cannot be combined with --no-augment")
+        for flag, on in (("--crop", self.crop is not None), ("--classmix", bool(self.classmix))):
+            if on and not self.enabled:
+                raise ConfigError(f"{flag} is an augmentation; it cannot be combined with --no-augment")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -169,9 +169,8 @@ def resume_refusal(run_uri: str, recorded: dict, current: dict) -> str | None:
         # An argument added since the run was recorded is compared as its default, what it trained with.
         arch = current.get("arch") or "unet"
         old_model, new_model = _with_defaults(arch, old_model), _with_defaults(arch, new_model)
-    if old_model is not None and not differs("arch") and jsonable(old_model) != jsonable(new_model):
         for key in sorted(set(old_model) | set(new_model)):
-            if old_model.get(key) != new_model.get(key):
+            if jsonable(old_model.get(key)) != jsonable(new_model.get(key)):
                 name = "--base-channels" if key == "base_channels" else f"--arch-arg {key}"
                 clauses.append(f"{name} was {old_model.get(key)}, this command has {new_model.get(key)}")
                 same.append(name)
